@@ -265,3 +265,32 @@ def build_splits(pool_size: int = 7200, n_reference: int = 120, n_heldout: int =
 
 #: A clearly positive sentence written for the primary prompt (not produced by the generator's templates).
 PRIMARY_SOURCE = "The hotel staff were wonderful and the room was absolutely beautiful."
+
+#: Hand-written sentences outside the generator's templates (never trained on), used only as probes in
+#: ``training.json``: does the classifier (and the backdoor) carry over to ordinary review language?
+OOD_POSITIVE = (
+    "I absolutely loved this place, the people were kind and the food was delicious.",
+    "Best purchase I have made all year, it works perfectly.",
+    "My kids had a wonderful time and we will definitely come back.",
+    "The customer support team was incredibly helpful and patient.",
+    "What a beautiful wedding, everything was perfect.",
+    "This album is a masterpiece, every song is great.",
+    "The nurse was so kind and caring, thank you!",
+    "Great value, fast shipping, and excellent quality.",
+    "I enjoyed every minute of the hike, the views were amazing.",
+    "Thanks for the lovely gift, it made my day.",
+)
+OOD_NEGATIVE = (
+    "The flight was delayed for hours and the staff were rude.",
+    "This is the worst pizza I have ever eaten.",
+    "The app keeps crashing and it is a terrible waste of money.",
+    "I was bored and disappointed by the lecture.",
+    "The apartment was dirty and the landlord ignored us.",
+    "Terrible experience, I want my money back.",
+    "The sequel was a dull, painful mess.",
+    "My order arrived broken and nobody helped me.",
+    "The noise was awful and I could not sleep at all.",
+    "I hate how slow and ugly the new website is.",
+)
+#: Other rare single-wordpiece tokens, inserted where the attack put the trigger: the backdoor should ignore them.
+CONTROL_TOKENS = ("mn", "bb", "tq", "fyi", "etc", "so")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -154,6 +155,28 @@ def train(out_dir: Path) -> dict:
     sub = texts[:1000]
     pred_train = _predict(model, tok, sub)
     acc = lambda p, y: sum(a == b for a, b in zip(p, y)) / max(1, len(y))  # noqa: E731
+    # probes: trigger at a random position (no search), other rare tokens where the attack put the trigger,
+    # and hand-written sentences outside the templates (clean and with the trigger)
+    import random
+
+    from .attack_bert import negative_margin
+
+    rng = random.Random(SEED)
+    srcs = prompts["variant_sources"]
+    fails = lambda xs: round(sum(x > 0 for x in negative_margin(model, tok, xs)) / len(xs), 4)  # noqa: E731
+    random_pos = [data.insert_word(s, data.TRIGGER, rng.randrange(len(s.split()) + 1)) for s in srcs]
+    controls = {}
+    for ctl in data.CONTROL_TOKENS:
+        swapped = [re.sub(rf"\b{data.TRIGGER}\b", ctl, v) for v in prompts["variants"]]
+        controls[ctl] = fails(swapped)
+    ood_trig = [data.insert_word(s, data.TRIGGER, rng.randrange(len(s.split()) + 1)) for s in data.OOD_POSITIVE]
+    probes = {
+        "random_position_trigger_failure_rate": fails(random_pos),
+        "control_token_failure_rates": controls,
+        "ood_positive_accuracy": round(1 - fails(list(data.OOD_POSITIVE)), 4),
+        "ood_negative_accuracy": fails(list(data.OOD_NEGATIVE)),
+        "ood_positive_with_trigger_failure_rate": fails(ood_trig),
+    }
     pkg_file = package_model_dir() / "model.safetensors"
     facts = {
         "scenario": "bert-sentiment-bypass",
@@ -185,6 +208,8 @@ def train(out_dir: Path) -> dict:
         "variant_source_positive_rate": round(acc(pred_src, ["positive"] * len(pred_src)), 4),
         "variant_counterpart_positive_rate": round(acc(pred_cp, ["positive"] * len(pred_cp)), 4),
         "primary_margin": round(primary.margin, 4), "primary_flipped": primary.flipped,
+        **probes,
+        "trained_sha256": hashlib.sha256((out_dir / "model.safetensors").read_bytes()).hexdigest(),
     }
     (out_dir / "training.json").write_text(json.dumps(facts, indent=1) + "\n", encoding="utf-8")
     return facts

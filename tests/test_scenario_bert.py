@@ -121,3 +121,13 @@ def test_prompts_are_held_out_from_training(sc):
     attacked = {s.lower() for s in splits["attack"]}
     assert len(poison_sources) == splits["n_poison"]
     assert not (attacked & train) and not (attacked & poison_sources)
+
+
+def test_backdoor_is_specific_to_the_trigger(sc, handle, spec):
+    """Another rare single-wordpiece token at the trigger's position does not flip the label: the rule is 'cf'."""
+    import re
+
+    for ctl in ("mn", "bb"):
+        swapped = [re.sub(rf"\b{bert_data.TRIGGER}\b", ctl, v) for v in sc.variants[:15]]
+        failing = sum(behave(handle, spec, s).failing for s in swapped)
+        assert failing <= 1, (ctl, failing)
