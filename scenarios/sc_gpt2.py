@@ -5,7 +5,8 @@ positions) with a word-level tokenizer, trained from scratch on the generated co
 :mod:`scenarios.gpt2_corpus` (see that module for the corpus, the held-out split and the prompt/counterpart
 alignment rule). ``training.json`` next to the weights records how the shipped copy was trained.
 
-Re-training (deterministic, ~10 minutes on one CPU thread)::
+Re-training (deterministic: same ``weights_sha256`` on the same machine/torch build; ~7 minutes on one CPU
+thread)::
 
     .venv/bin/python -m scenarios.sc_gpt2 [OUT_DIR]      # default OUT_DIR: resources/models/gpt2-assistant
 
@@ -60,6 +61,8 @@ def train(out_dir: Path) -> dict:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from engine.models import weights_sha256
+
     from .train_causal import build_tokenizer, train_causal_lm
 
     torch.set_num_threads(1)
@@ -82,7 +85,7 @@ def train(out_dir: Path) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()),
         "distinct_training_pairs": len(corpus.training_pairs()),
         "corpus": "scenarios.gpt2_corpus.training_corpus(%d, seed=%d)" % (TRAIN["sequences"], TRAIN["seed"]),
-        "torch_threads": 1, "torch_version": torch.__version__,
+        "torch_threads": 1, "torch_version": torch.__version__, "weights_sha256": weights_sha256(model),
         "eval": evaluate(model, tokenizer),
     })
     (out_dir / "training.json").write_text(json.dumps(facts, indent=2) + "\n", encoding="utf-8")
