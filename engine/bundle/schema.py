@@ -1,0 +1,21 @@
+"""Constants of the incident bundle format, schema version 1 (spec: docs/bundle-format.md)."""
+
+FORMAT_NAME = "model-forensics-incident"
+SCHEMA_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+
+ACTIVATION_SITES = ("resid_pre", "attn", "mlp", "resid_post")
+STAT_SITES = ("resid_pre", "attn", "mlp", "resid_post", "head", "neuron")
+RECORD_MODES = ("prompt", "generate", "classify")
+PROMPT_SETS = ("counterpart", "variants", "variant_counterparts", "benign_reference", "benign_heldout",
+               "benign_expected")
+
+#: Filters for activation datasets: byte-shuffle + gzip level 1 is lossless (bit-exact replay from any layer stays
+#: possible) and measured in benchmarks/record.py.
+ACTIVATION_COMPRESSION = dict(compression="gzip", compression_opts=1, shuffle=True)
+#: Tokens per chunk along the position axis (a chunk holds ``CHUNK_POSITIONS x d_model`` values).
+CHUNK_POSITIONS = 64
+
+
+def layer_group(i: int) -> str:
+    return f"layer_{i:03d}"
