@@ -263,4 +263,4 @@ def _write(f: h5py.File, inc: Incident) -> None:
     e = f.create_group("environment")
     _enc(e, "environment")
     for key, value in sorted(inc.environment.items()):
-        e.attrs[key] = value
+        e.attrs[key] = value if isinstance(value, (bool, int, float)) else str(value)
