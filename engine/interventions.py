@@ -481,7 +481,7 @@ def run_with_interventions(handle: ModelHandle, input_ids: torch.Tensor, sets: S
                            sources: ActivationSources | None = None, start_layer: int = 0,
                            start_resid: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                            token_type_ids: torch.Tensor | None = None,
-                           unaligned: dict | None = None) -> torch.Tensor:
+                           unaligned: dict | None = None, logits_from: int = 0) -> torch.Tensor:
     """One forward with every set applied to its own batch row; returns the logits ``[len(sets), ...]``.
 
     Args:
@@ -491,6 +491,8 @@ def run_with_interventions(handle: ModelHandle, input_ids: torch.Tensor, sets: S
             ``[1, pos, d_model]``: the recorded ``resid_pre`` of block ``start_layer``) is fed into block
             ``start_layer``. Every intervention must sit at layer >= ``start_layer``.
         unaligned: filled with ``{row: {positions}}`` for ``patch`` positions without a donor partner.
+        logits_from: causal LMs only: compute the LM head only for positions ``logits_from..pos-1`` (the returned
+            logits then cover just those positions); 0 = every position.
     """
     rows = len(sets)
     if rows == 0:
@@ -527,12 +529,26 @@ def run_with_interventions(handle: ModelHandle, input_ids: torch.Tensor, sets: S
                             (attention_mask if attention_mask.dim() == 2 else attention_mask[None]).expand(rows, -1))
     if token_type_ids is not None:
         kw["token_type_ids"] = (token_type_ids if token_type_ids.dim() == 2 else token_type_ids[None]).expand(rows, -1)
+    if logits_from > 0 and handle.is_causal_lm and _accepts_logits_to_keep(handle.model):
+        kw["logits_to_keep"] = int(ids.shape[1] - logits_from)
+    elif logits_from > 0:
+        logits_from = -logits_from  # not supported: slice afterwards
     saved = _skip_blocks(handle, start_layer) if start_layer > 0 else []
     try:
         with site_hooks(handle, fns):
-            return handle.model(**kw).logits
+            logits = handle.model(**kw).logits
     finally:
         _restore_blocks(handle, saved)
+    return logits[:, -logits_from:] if logits_from < 0 else logits
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    import inspect
+
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 @torch.no_grad()
@@ -551,7 +567,7 @@ def generate_with_interventions(handle: ModelHandle, input_ids: torch.Tensor, se
     done = torch.zeros(rows, dtype=torch.bool)
     new: list[list[int]] = [[] for _ in range(rows)]
     for _ in range(max_new_tokens):
-        logits = run_with_interventions(handle, ids, sets, sources=sources)
+        logits = run_with_interventions(handle, ids, sets, sources=sources, logits_from=ids.shape[1] - 1)
         if counter is not None:
             counter[0] += 1
             counter[1] += rows
@@ -599,11 +615,13 @@ class EvalResult:
     forward_passes: int = 0
     rows: int = 0
     seconds: float = 0.0
-    start_layer: int = 0
+    start_layer: int = 0  # lowest layer a chunk's metric forward started from
+    chunk_start_layers: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"results": [r.to_dict() for r in self.results], "forward_passes": self.forward_passes,
-                "rows": self.rows, "seconds": self.seconds, "start_layer": self.start_layer}
+                "rows": self.rows, "seconds": self.seconds, "start_layer": self.start_layer,
+                "chunk_start_layers": self.chunk_start_layers}
 
 
 @dataclass
@@ -690,22 +708,32 @@ def evaluate_ids(handle: ModelHandle, ctx: EvalContext, sets: Sequence[Intervent
         raise InterventionError("chunk_size must be >= 1")
     names = _label_names(handle)
     counter = [0, 0]
-    results: list[SetResult] = []
     kind = ctx.kind
     gen_kind = kind in ("contains", "wordlist")
     ids = ctx.input_ids if ctx.probe_ids is None else ctx.probe_ids
     t_start = ctx.target_start if ctx.probe_ids is None else ctx.n_prompt
     t_len = ctx.target_length if ctx.probe_ids is None else int(ctx.probe_ids.shape[0] - ctx.n_prompt)
-    used_start = 0
+    used: list[int] = []
     n_chunks = math.ceil(len(sets) / chunk_size) if sets else 0
+    auto = start_layer == "auto" and ctx.resid_pre is not None and ctx.probe_ids is None
+    # With "auto", sets are grouped by their lowest layer so each chunk starts as late as it can; results keep the
+    # caller's order.
+    order = list(range(len(sets)))
+    if auto:
+        order.sort(key=lambda i: (sets[i].min_layer if sets[i].min_layer is not None else handle.n_layers - 1))
+    slots: list[SetResult | None] = [None] * len(sets)
+    lf = ctx.n_prompt - 1 if kind in ("contains", "wordlist", "token") else 0
+    if kind == "token":
+        lf = int(ids.shape[0]) - 1
     for c in range(n_chunks):
         if cancel is not None and cancel.is_set():
             raise EvaluationCancelled("intervention evaluation cancelled")
-        chunk = sets[c * chunk_size:(c + 1) * chunk_size]
+        rows_idx = order[c * chunk_size:(c + 1) * chunk_size]
+        chunk = [sets[i] for i in rows_idx]
         L = 0
         if start_layer == "auto":
-            if ctx.resid_pre is not None and ctx.probe_ids is None:
-                L = start_layer_for(chunk)
+            if auto:
+                L = start_layer_for(chunk) if any(s.min_layer is not None for s in chunk) else handle.n_layers - 1
         elif start_layer:
             L = int(start_layer)
             low = start_layer_for(chunk)
@@ -714,24 +742,25 @@ def evaluate_ids(handle: ModelHandle, ctx: EvalContext, sets: Sequence[Intervent
             if ctx.resid_pre is None or ctx.probe_ids is not None:
                 raise InterventionError("starting from a layer needs the recorded resid_pre of the failing run")
         resid = ctx.resid_pre(L) if L > 0 else None
-        used_start = max(used_start, L)
+        used.append(L)
         unaligned: dict = {}
         logits = run_with_interventions(
             handle, ids[None], chunk, sources=ctx.sources, start_layer=L, start_resid=resid,
             attention_mask=None if ctx.probe_ids is not None else
             (ctx.attention_mask[None] if ctx.attention_mask is not None else None),
-            token_type_ids=None if ctx.token_type_ids is None else ctx.token_type_ids[None], unaligned=unaligned)
+            token_type_ids=None if ctx.token_type_ids is None else ctx.token_type_ids[None], unaligned=unaligned,
+            logits_from=lf)
         counter[0] += 1
         counter[1] += len(chunk)
         if kind == "label":
             dec = logits.float()
             metric = margin(dec, ctx.target_index)
         elif kind == "token":
-            dec = logits[:, ctx.n_prompt - 1].float()
+            dec = logits[:, ctx.n_prompt - 1 - lf].float()
             metric = margin(dec, ctx.target_index)
         else:
-            dec = logits[:, ctx.n_prompt - 1].float()
-            metric = span_logprob(logits, ids[None].expand(len(chunk), -1), t_start, t_len)
+            dec = logits[:, ctx.n_prompt - 1 - lf].float()
+            metric = span_logprob(logits, ids[None, lf:].expand(len(chunk), -1), t_start - lf, t_len)
         probs = torch.softmax(dec, dim=-1)
         pk, ik = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
         conts = None
@@ -748,7 +777,7 @@ def evaluate_ids(handle: ModelHandle, ctx: EvalContext, sets: Sequence[Intervent
                 if ctx.probe_ids is not None or t_start < 0:
                     failing = False
                 else:
-                    pred = logits[r, ctx.n_prompt - 1:t_start + t_len - 1].argmax(-1)
+                    pred = logits[r, ctx.n_prompt - 1 - lf:t_start + t_len - 1 - lf].argmax(-1)
                     failing = bool(torch.equal(pred, ctx.input_ids[ctx.n_prompt:t_start + t_len]))
                 basis = "teacher-forced"
             text = None
@@ -757,14 +786,16 @@ def evaluate_ids(handle: ModelHandle, ctx: EvalContext, sets: Sequence[Intervent
                 cids = conts[r]
                 text = handle.tokenizer.decode(cids, skip_special_tokens=True)
                 failing = ctx.spec.continuation_fails(text)
-            results.append(SetResult(
+            slots[rows_idx[r]] = (SetResult(
                 name=s.name, failing=bool(failing), metric=float(metric[r]),
                 top_k=[(names(int(i)), float(p)) for p, i in zip(pk[r], ik[r])], continuation=text,
                 continuation_ids=cids, unaligned=sorted(unaligned.get(r, ())), failing_basis=basis))
         if progress:
-            progress(c + 1, n_chunks, f"evaluated {len(results)}/{len(sets)} intervention sets")
+            progress(c + 1, n_chunks, f"evaluated {min((c + 1) * chunk_size, len(sets))}/{len(sets)} "
+                                      f"intervention sets")
+    results = [r for r in slots if r is not None]
     return EvalResult(results, forward_passes=counter[0], rows=counter[1], seconds=time.perf_counter() - t0,
-                      start_layer=used_start)
+                      start_layer=min(used, default=0), chunk_start_layers=used)
 
 
 def summarize(before: SetResult, after: SetResult) -> dict:
