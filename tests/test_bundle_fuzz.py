@@ -305,11 +305,12 @@ def test_wrong_attribute_type(attr):
 
 
 # ----- versions and format names -------------------------------------------------------------------------------
+_TEXT = st.characters(exclude_characters="\x00")  # HDF5 strings cannot hold NUL
 _BAD_VERSION = st.one_of(
     st.integers(min_value=-2**63, max_value=2**63 - 1).filter(lambda v: v != 1),
-    st.floats(allow_nan=True), st.booleans(), st.text(max_size=8),
+    st.floats(allow_nan=True), st.booleans(), st.text(_TEXT, max_size=8),
     st.just(np.array([1, 1])), st.just(np.uint8(2)))
-_BAD_FORMAT = st.one_of(st.text(max_size=40).filter(lambda s: s != FORMAT_NAME), st.integers(), st.floats(),
+_BAD_FORMAT = st.one_of(st.text(_TEXT, max_size=40).filter(lambda s: s != FORMAT_NAME), st.integers(-2**63, 2**63 - 1), st.floats(),
                         st.just(FORMAT_NAME.upper()), st.just(FORMAT_NAME + " "), st.none())
 
 
