@@ -47,7 +47,7 @@ from torch import nn
 from .errors import ForensicsError, InterventionError
 from .failure import margin, span_logprob
 from .hooks import COMPONENTS, capture, site_hooks
-from .models import RESIDUAL_SITES, ModelHandle
+from .models import ModelHandle
 
 OPS = ("zero", "mean", "patch", "scale", "set")
 Progress = Callable[[int, int, str], None]
