@@ -317,7 +317,7 @@ def injection(tmp_path_factory):
 
     sc = scenarios.get("gpt2-prompt-injection")
     handle = load_model(sc.model_source)
-    inc = record_incident(handle, sc.prompt, sc.failure, benign_prompts=sc.benign_reference,
+    inc = record_incident(handle, sc.prompt, sc.failure, benign_prompts=sc.benign_reference[:16],  # keep it quick
                           prompt_sets=dict(counterpart=[sc.counterpart]), max_new_tokens=sc.max_new_tokens)
     path = write_bundle(tmp_path_factory.mktemp("iv") / "inj.h5", inc)
     b = open_bundle(path)
