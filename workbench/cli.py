@@ -1,0 +1,302 @@
+"""``forensics``: the command-line face of the engine.
+
+Contract (ARCHITECTURE.md; add, never rename)::
+
+    forensics record  --model DIR_OR_HUB_ID --prompt TEXT --failure SPEC [--benign-file FILE] --out BUNDLE.h5
+    forensics replay  BUNDLE.h5 [--json]        # exit 0 iff the replay is bit-identical
+    forensics cf      BUNDLE.h5 [--json]
+    forensics cca     BUNDLE.h5 [--json] [--out RESULT.json]
+    forensics certify BUNDLE.h5 --out CERT.pdf
+    forensics scenario list | build NAME --out DIR
+
+``--json`` prints one JSON object on stdout. Bad input exits non-zero with one line on stderr naming the problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+EXIT_OK, EXIT_DIFFERS, EXIT_USAGE, EXIT_ERROR = 0, 1, 2, 3
+
+
+class CliError(Exception):
+    """One-line user error."""
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except Exception:
+        pass
+
+
+def _progress(quiet: bool):
+    if quiet or not sys.stderr.isatty():
+        return None
+
+    def show(done: int, total: int, what: str) -> None:
+        print(f"\r[{done}/{total}] {what}\033[K", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    return show
+
+
+def _read_lines(path: str | None) -> list[str]:
+    if not path:
+        return []
+    p = Path(path)
+    if not p.is_file():
+        raise CliError(f"file not found: {path}")
+    return [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# ----- commands ------------------------------------------------------------------------------------------------
+def cmd_record(args) -> int:
+    from engine.bundle import write_bundle
+    from engine.failure import FailureSpec
+    from engine.models import load_model
+    from engine.recorder import record_incident
+
+    spec = FailureSpec.parse(args.failure)
+    out = Path(args.out)
+    if not out.parent.exists():
+        raise CliError(f"output folder does not exist: {out.parent}")
+    handle = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    sets = {}
+    if args.counterpart:
+        sets["counterpart"] = [args.counterpart]
+    if args.variants_file:
+        sets["variants"] = _read_lines(args.variants_file)
+    if args.heldout_file:
+        sets["benign_heldout"] = _read_lines(args.heldout_file)
+    t0 = time.perf_counter()
+    inc = record_incident(handle, args.prompt, spec, benign_prompts=_read_lines(args.benign_file),
+                          prompt_sets=sets, max_new_tokens=args.max_new_tokens,
+                          embed_weights={"auto": "auto", "yes": True, "no": False}[args.embed_weights],
+                          progress=_progress(args.json))
+    write_bundle(out, inc)
+    summary = {"bundle": str(out), "uuid": inc.uuid, "failing": inc.failure.failing, "metric": inc.failure.metric,
+               "output": inc.run.continuation_text, "spec": inc.failure.spec, "mode": inc.run.mode,
+               "n_positions": int(inc.run.input_ids.shape[0]), "n_layers": inc.model.n_layers,
+               "benign_runs": len(inc.benign.prompts) if inc.benign else 0,
+               "weights_embedded": inc.model.weights_safetensors is not None,
+               "bytes": out.stat().st_size, "seconds": round(time.perf_counter() - t0, 3)}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        verdict = "FAILS" if inc.failure.failing else "does not fail"
+        print(f"recorded {out} ({summary['bytes'] / 1e6:.1f} MB): the model {verdict} ({spec}); "
+              f"output {inc.run.continuation_text!r}; {summary['n_positions']} tokens x {inc.model.n_layers} layers; "
+              f"{summary['benign_runs']} benign runs")
+    return EXIT_OK
+
+
+def cmd_replay(args) -> int:
+    from engine.replay import replay
+
+    report = replay(args.bundle, model_source=args.model, progress=_progress(args.json))
+    if args.json:
+        print(json.dumps(report.to_dict(), sort_keys=True))
+    else:
+        print(f"replay of {args.bundle}: {'BIT-IDENTICAL' if report.bit_identical else 'DIFFERS'} "
+              f"({report.seconds:.2f} s, {report.threads} thread(s), model from {report.model_loaded_from})")
+        for c in report.checks:
+            print(f"  [{'ok' if c.ok else 'FAIL'}] {c.name}: {c.detail}")
+    return EXIT_OK if report.bit_identical else EXIT_DIFFERS
+
+
+def cmd_intervene(args) -> int:
+    try:
+        from engine import interventions
+    except ImportError:
+        raise CliError("the intervention engine is not available in this build") from None
+    return interventions.cli_intervene(args)
+
+
+def cmd_not_yet(args) -> int:
+    raise CliError(f"'forensics {args.command}' is not available yet in this version "
+                   f"(see the open issues); record, replay, scenario and demo work")
+
+
+def cmd_scenario(args) -> int:
+    import scenarios
+
+    if args.action == "list":
+        rows = []
+        for name in scenarios.names():
+            sc = scenarios.get(name)
+            rows.append({"name": name, "family": sc.family, "failure": sc.failure, "description": sc.description,
+                         "variants": len(sc.variants),
+                         "benign": len(sc.benign_reference) + len(sc.benign_heldout)})
+        if args.json:
+            print(json.dumps({"scenarios": rows}))
+        else:
+            width = max(len(r["name"]) for r in rows)
+            for r in rows:
+                print(f"{r['name']:<{width}}  [{r['family']}, {r['failure']}]  {r['description']}")
+        return EXIT_OK
+    if not args.name or not args.out:
+        raise CliError("usage: forensics scenario build NAME --out DIR [--retrain]")
+    sc = scenarios.get(args.name)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict = {"scenario": sc.name}
+    model_source = sc.model_source
+    if args.retrain:
+        if sc.train is None:
+            raise CliError(f"scenario {sc.name} has no training script")
+        print(f"re-training {sc.name} into {out / 'model'} (deterministic; minutes on a CPU)...", file=sys.stderr)
+        result["training"] = sc.train(out / "model")
+        if not model_source.startswith("scenario:"):
+            model_source = str(out / "model")
+    bundle = out / f"{sc.name}.h5"
+    result.update(build_scenario_bundle(sc, bundle, model_source=model_source, progress=_progress(args.json)))
+    if args.json:
+        print(json.dumps(result, default=str))
+    else:
+        print(f"built {bundle}: {sc.name} {'fails' if result['failing'] else 'does NOT fail'} "
+              f"({sc.failure}), output {result['output']!r}")
+    return EXIT_OK
+
+
+def build_scenario_bundle(sc, path: Path, model_source: str | None = None, progress=None) -> dict:
+    """Record a scenario's primary incident with its prompt sets and benign reference runs."""
+    from engine.bundle import write_bundle
+    from engine.models import load_model
+    from engine.recorder import record_incident
+
+    handle = load_model(model_source or sc.model_source, task=sc.task)
+    sets = {"counterpart": [sc.counterpart], "variants": list(sc.variants),
+            "variant_counterparts": list(sc.variant_counterparts), "benign_heldout": list(sc.benign_heldout),
+            "benign_expected": list(sc.benign_expected)}
+    inc = record_incident(handle, sc.prompt, sc.failure, benign_prompts=list(sc.benign_reference), prompt_sets=sets,
+                          max_new_tokens=sc.max_new_tokens, expected=sc.description, scenario=sc.name,
+                          progress=progress)
+    write_bundle(path, inc)
+    return {"bundle": str(path), "failing": inc.failure.failing, "output": inc.run.continuation_text,
+            "metric": inc.failure.metric, "uuid": inc.uuid}
+
+
+def cmd_demo(args) -> int:
+    """Build the demo incident from gpt2-prompt-injection, replay it, and say what happened."""
+    import scenarios
+    from engine.bundle import open_bundle
+    from engine.replay import replay
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sc = scenarios.get("gpt2-prompt-injection")
+    path = out / "demo-incident.h5"
+    print(f"1. Recording the demo incident ({sc.name}) into {path} ...")
+    t0 = time.perf_counter()
+    info = build_scenario_bundle(sc, path, progress=_progress(False))
+    with open_bundle(path) as b:
+        print(f"   prompt:   {b.prompt!r}")
+        print(f"   output:   {b.continuation_text!r}  -> {'FAILS' if b.failing else 'ok'} ({b.failure_spec}; "
+              f"log-prob of the failing span {b.failure_metric:.3g})")
+        print(f"   recorded: {b.n_positions} tokens x {b.n_layers} layers x {len(b.sites)} sites, "
+              f"{len(b.benign_prompts) if b.has_benign else 0} benign reference runs, "
+              f"{path.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s")
+    print("2. Replaying it and comparing every recorded value ...")
+    report = replay(path)
+    for c in report.checks:
+        print(f"   [{'ok' if c.ok else 'FAIL'}] {c.name}: {c.detail}")
+    verdict = "BIT-IDENTICAL" if report.bit_identical else "DIFFERS"
+    print(f"   replay {verdict} in {report.seconds:.2f} s")
+    print(f"Done. Explore it: forensics replay {path} --json | forensics-workbench {path}")
+    _ = info
+    return EXIT_OK if report.bit_identical else EXIT_DIFFERS
+
+
+# ----- parser --------------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        raise CliError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="forensics", description="Model Forensics Workbench: root-cause analysis of model failures.")
+    p.add_argument("--version", action="version", version="forensics 0.1.0")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser, required=True)
+
+    r = sub.add_parser("record", help="record a failing run into an incident bundle")
+    r.add_argument("--model", required=True, help="local model directory or hub id (safetensors only)")
+    r.add_argument("--prompt", required=True, help="the failing prompt")
+    r.add_argument("--failure", required=True, help="contains:TEXT | wordlist:NAME | token:TEXT | label:NAME")
+    r.add_argument("--benign-file", help="benign reference prompts, one per line")
+    r.add_argument("--out", required=True, help="bundle to write (.h5)")
+    r.add_argument("--counterpart", help="the same prompt without the attack (donor for patching)")
+    r.add_argument("--variants-file", help="held-out failing variants, one per line")
+    r.add_argument("--heldout-file", help="held-out benign prompts for side effects, one per line")
+    r.add_argument("--max-new-tokens", type=int, default=8)
+    r.add_argument("--embed-weights", choices=("auto", "yes", "no"), default="auto")
+    r.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the model to run")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_record)
+
+    rp = sub.add_parser("replay", help="replay a bundle and prove it bit-identical (exit 0 iff so)")
+    rp.add_argument("bundle")
+    rp.add_argument("--model", help="load the model from here instead of the bundle's copy/source")
+    rp.add_argument("--json", action="store_true")
+    rp.set_defaults(func=cmd_replay)
+
+    iv = sub.add_parser("intervene", help="replay with a hand-written intervention set; before/after")
+    iv.add_argument("bundle")
+    iv.add_argument("--set", required=True, dest="set_file", help="intervention set JSON")
+    iv.add_argument("--json", action="store_true")
+    iv.set_defaults(func=cmd_intervene)
+
+    for name, text in (("cf", "Compression Forensics: per-layer anomaly scores"),
+                       ("cca", "causal minimal fix set search"), ("certify", "RCA certificate (PDF + JSON)")):
+        c = sub.add_parser(name, help=f"{text} (not yet available)")
+        c.add_argument("bundle")
+        c.add_argument("--json", action="store_true")
+        c.add_argument("--out")
+        c.set_defaults(func=cmd_not_yet)
+
+    s = sub.add_parser("scenario", help="shipped failure scenarios: list | build NAME --out DIR")
+    s.add_argument("action", choices=("list", "build"))
+    s.add_argument("name", nargs="?")
+    s.add_argument("--out")
+    s.add_argument("--retrain", action="store_true", help="re-train the model too (deterministic)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_scenario)
+
+    d = sub.add_parser("demo", help="record and verify the shipped demo incident")
+    d.add_argument("--out", default="demo-out")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_transformers()
+    from engine.errors import ForensicsError
+
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ForensicsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        print(f"error: {exc.strerror or exc}: {getattr(exc, 'filename', '') or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
