@@ -255,13 +255,24 @@ def build_parser() -> argparse.ArgumentParser:
     iv.add_argument("--json", action="store_true")
     iv.set_defaults(func=cmd_intervene)
 
+    # Commands that live in their own modules register themselves: ``workbench/cli_<name>.py`` defines
+    # ``register(sub)`` (adds its sub-parser(s), sets ``func``).  Until a module exists its command says so.
+    import importlib
+
     for name, text in (("cf", "Compression Forensics: per-layer anomaly scores"),
                        ("cca", "causal minimal fix set search"), ("certify", "RCA certificate (PDF + JSON)")):
-        c = sub.add_parser(name, help=f"{text} (not yet available)")
-        c.add_argument("bundle")
-        c.add_argument("--json", action="store_true")
-        c.add_argument("--out")
-        c.set_defaults(func=cmd_not_yet)
+        try:
+            mod = importlib.import_module(f"workbench.cli_{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"workbench.cli_{name}":
+                raise
+            c = sub.add_parser(name, help=f"{text} (not yet available)")
+            c.add_argument("bundle")
+            c.add_argument("--json", action="store_true")
+            c.add_argument("--out")
+            c.set_defaults(func=cmd_not_yet)
+        else:
+            mod.register(sub)
 
     s = sub.add_parser("scenario", help="shipped failure scenarios: list | build NAME --out DIR")
     s.add_argument("action", choices=("list", "build"))
