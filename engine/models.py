@@ -103,6 +103,7 @@ class ModelHandle:
         if self.arch is None:
             self.arch = arch_for(self.model)
         self.model.eval()
+        _own_storage(self.model)
 
     # ----- structure -------------------------------------------------------------------------------------------
     @property
@@ -222,6 +223,19 @@ def _plugin_sources() -> dict:
     from importlib.metadata import entry_points
 
     return {ep.name: ep for ep in entry_points(group="forensics.model_sources")}
+
+
+def _own_storage(model: nn.Module) -> None:
+    """Give every parameter and buffer its own freshly allocated storage.
+
+    safetensors loads tensors as views into a memory-mapped file (or a bytes object for embedded weights), with
+    whatever alignment the file gives them.  Some CPU kernels take different code paths for differently aligned
+    inputs, so the same weights loaded from a directory and from a bundle gave logits differing in the last bits
+    (seen on MiniLM: ~1e-10).  Copying into allocator-owned storage makes every load path compute identically.
+    """
+    with torch.no_grad():
+        for t in (*model.parameters(), *model.buffers()):
+            t.data = t.data.clone()
 
 
 def load_model(source: str | os.PathLike, *, task: str | None = None, trust_remote_code: bool = False,

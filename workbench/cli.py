@@ -115,11 +115,45 @@ def cmd_replay(args) -> int:
 
 
 def cmd_intervene(args) -> int:
+    """Replay the incident without and with a hand-written intervention set; print before/after."""
+    from engine.bundle import open_bundle
+    from engine.interventions import InterventionSet, evaluate, summarize
+    from engine.replay import load_bundle_model
+
+    p = Path(args.set_file)
+    if not p.is_file():
+        raise CliError(f"intervention set file not found: {args.set_file}")
     try:
-        from engine import interventions
-    except ImportError:
-        raise CliError("the intervention engine is not available in this build") from None
-    return interventions.cli_intervene(args)
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CliError(f"intervention set file is not UTF-8 text: {args.set_file}") from None
+    iset = InterventionSet.from_json(text, name=p.stem)
+    with open_bundle(args.bundle) as bundle:
+        handle = load_bundle_model(bundle)
+        res = evaluate(bundle, handle, [InterventionSet(name="baseline"), iset], top_k=args.top_k)
+        summary = summarize(res.results[0], res.results[1])
+        summary.update({"bundle": str(args.bundle), "failure": bundle.failure_spec,
+                        "interventions": [json.loads(iset.to_json())],
+                        "forward_passes": res.forward_passes, "rows": res.rows, "seconds": res.seconds})
+    if args.json:
+        print(json.dumps(summary, default=str))
+        return EXIT_OK
+
+    def top(r):
+        return ", ".join(f"{t!r} {p:.2f}" for t, p in r["top_k"])
+
+    b, a = summary["before"], summary["after"]
+    print(f"intervention set {iset.name!r} ({len(iset.interventions)} edit(s)) on {args.bundle} [{summary['failure']}]")
+    for label, r in (("before", b), ("after ", a)):
+        out = f"output {r['continuation']!r}, " if r["continuation"] is not None else ""
+        print(f"  {label}: {'FAILS' if r['failing'] else 'ok   '}  {out}metric {r['metric']:.4g}; top: {top(r)}")
+    if a.get("unaligned_positions"):
+        print(f"  note: positions {a['unaligned_positions']} had no donor partner and were left untouched")
+    verdict = "FIXED: the failure goes away" if summary["fixed"] else (
+        "still failing" if a["failing"] else "was not failing before")
+    print(f"  {verdict} (metric change {summary['metric_change']:+.4g}; {res.forward_passes} forward passes, "
+          f"{res.seconds:.2f} s)")
+    return EXIT_OK
 
 
 def cmd_not_yet(args) -> int:
@@ -252,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     iv = sub.add_parser("intervene", help="replay with a hand-written intervention set; before/after")
     iv.add_argument("bundle")
     iv.add_argument("--set", required=True, dest="set_file", help="intervention set JSON")
+    iv.add_argument("--top-k", type=int, default=5, help="next-token alternatives to show (default 5)")
     iv.add_argument("--json", action="store_true")
     iv.set_defaults(func=cmd_intervene)
 

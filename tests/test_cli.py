@@ -1,0 +1,158 @@
+"""The ``forensics`` command line as a user scripts it: record → replay → intervene, and one-line errors.
+
+Each command runs in a fresh interpreter (``python -m workbench.cli``) so exit codes, stdout and stderr are exactly
+what a shell sees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import TINY_PROMPT
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "QT_QPA_PLATFORM": "offscreen"}
+
+
+def forensics(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "workbench.cli", *map(str, args)], capture_output=True, text=True,
+                          env=ENV, cwd=cwd, timeout=300)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:
+    assert proc.returncode != 0, proc
+    err = proc.stderr.strip()
+    assert "Traceback" not in err, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: "), err
+    for w in words:
+        assert w.lower() in err.lower(), err
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_gpt2) -> Path:
+    d = tmp_path_factory.mktemp("tiny-gpt2-model")
+    tiny_gpt2.model.save_pretrained(d, safe_serialization=True)
+    tiny_gpt2.tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory, model_dir) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "incident.h5"
+    benign = out.parent / "benign.txt"
+    benign.write_text("User: please summarize the report . Assistant:\nthe cat sat on the mat\n", encoding="utf-8")
+    proc = forensics("record", "--model", model_dir, "--prompt", TINY_PROMPT, "--failure", "contains:the",
+                     "--benign-file", benign, "--out", out, "--max-new-tokens", "4", "--json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert Path(info["bundle"]) == out
+    return out
+
+
+def test_record_then_replay_is_bit_identical(recorded):
+    assert recorded.is_file()
+    proc = forensics("replay", recorded, "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["bit_identical"] is True
+    assert all(c["ok"] for c in report["checks"])
+    text = forensics("replay", recorded)
+    assert text.returncode == 0 and "BIT-IDENTICAL" in text.stdout
+
+
+def test_replay_of_a_tampered_activation_exits_1_and_names_it(recorded, tmp_path):
+    bad = tmp_path / "tampered.h5"
+    bad.write_bytes(recorded.read_bytes())
+    with h5py.File(bad, "r+") as f:
+        names = []
+        f["activations"].visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+        ds = f["activations"][names[-1]]
+        a = ds[...]
+        a.flat[0] = a.flat[0] + np.float32(0.5)
+        ds[...] = a
+    proc = forensics("replay", bad, "--json")
+    assert proc.returncode == 1, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["bit_identical"] is False
+    failed = [c["name"] for c in report["checks"] if not c["ok"]]
+    assert failed == ["activations"], report["checks"]
+
+
+def test_intervene_prints_before_and_after(recorded, tmp_path):
+    s = tmp_path / "set.json"
+    s.write_text(json.dumps({"name": "zero-mlp", "interventions": [
+        {"layer": 0, "component": "mlp", "positions": "all", "op": "scale", "value": 1.0}]}), encoding="utf-8")
+    proc = forensics("intervene", recorded, "--set", s, "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    # scale 1.0 is a no-op: before and after agree exactly
+    assert out["before"]["metric"] == out["after"]["metric"]
+    assert out["before"]["continuation"] == out["after"]["continuation"]
+    assert out["forward_passes"] >= 1
+    s.write_text(json.dumps([{"layer": 1, "component": "resid_pre", "positions": "all", "op": "zero"}]),
+                 encoding="utf-8")
+    proc = forensics("intervene", recorded, "--set", s)
+    assert proc.returncode == 0, proc.stderr
+    assert "before:" in proc.stdout and "after :" in proc.stdout
+    assert forensics("intervene", recorded, "--set", s, "--json").stdout.count("\n") == 1
+
+
+def test_scenario_list_names_every_scenario():
+    proc = forensics("scenario", "list", "--json")
+    assert proc.returncode == 0, proc.stderr
+    names = {s["name"] for s in json.loads(proc.stdout)["scenarios"]}
+    assert {"gpt2-prompt-injection", "gpt2-toxic-generation", "bert-sentiment-bypass", "llama-secret-leak"} <= names
+
+
+@pytest.mark.parametrize("case", ["missing", "not-hdf5", "truncated", "empty-hdf5"])
+def test_replay_of_a_bad_file_is_one_line(case, recorded, tmp_path):
+    path = tmp_path / f"{case}.h5"
+    if case == "not-hdf5":
+        path.write_text("this is not a bundle\n")
+    elif case == "truncated":
+        path.write_bytes(recorded.read_bytes()[: recorded.stat().st_size // 3])
+    elif case == "empty-hdf5":
+        h5py.File(path, "w").close()
+    proc = forensics("replay", path)
+    assert_one_line_error(proc)
+    assert proc.stdout == ""
+
+
+def test_bad_record_inputs_are_one_line_each(model_dir, tmp_path):
+    out = tmp_path / "x.h5"
+    assert_one_line_error(forensics("record", "--model", model_dir, "--prompt", "hello", "--failure", "smells:bad",
+                                    "--out", out), "smells")
+    assert_one_line_error(forensics("record", "--model", tmp_path / "nowhere", "--prompt", "hello",
+                                    "--failure", "contains:x", "--out", out))
+    assert_one_line_error(forensics("record", "--model", model_dir, "--prompt", "hello", "--failure", "contains:x",
+                                    "--benign-file", tmp_path / "missing.txt", "--out", out), "missing.txt")
+    assert_one_line_error(forensics("record", "--prompt", "hello"))  # missing required options
+    assert not out.exists()
+    assert list(tmp_path.glob("*.h5*")) == []  # nothing half-written left behind
+
+
+def test_offline_hub_id_is_a_clear_error(tmp_path):
+    proc = forensics("record", "--model", "some-org/not-a-local-model", "--prompt", "hi", "--failure", "token:x",
+                     "--out", tmp_path / "x.h5")
+    assert_one_line_error(proc)
+
+
+def test_bad_intervention_set_is_one_line(recorded, tmp_path):
+    s = tmp_path / "set.json"
+    s.write_text('{"interventions": [{"layer": 99, "component": "mlp", "positions": "all", "op": "zero"}]}')
+    assert_one_line_error(forensics("intervene", recorded, "--set", s), "layer")
+    s.write_text("{not json")
+    assert_one_line_error(forensics("intervene", recorded, "--set", s), "json")
+    assert_one_line_error(forensics("intervene", recorded, "--set", tmp_path / "none.json"), "not found")
+
+
+def test_unknown_command_is_one_line():
+    assert_one_line_error(forensics("frobnicate"))
