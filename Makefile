@@ -9,7 +9,7 @@ export QT_QPA_PLATFORM ?= offscreen
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test setup sysdeps benchmarks clean
+.PHONY: demo test setup sysdeps benchmarks docs clean
 
 demo: setup
 	$(BIN)/forensics demo --out demo-out
@@ -45,6 +45,10 @@ sysdeps:
 
 benchmarks: setup
 	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+# Regenerate the measured documents (scenario rates) from the shipped models.
+docs: setup
+	$(BIN)/python scripts/scenarios_doc.py
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
