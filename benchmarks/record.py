@@ -2,7 +2,7 @@
 
 Measures, in one run:
 
-* recording overhead: forward under ``engine.hooks.capture`` of all 4 residual sites x 12 layers, divided by the
+* recording overhead: forward under ``engine.hooks.forward_captured`` (what the recorder runs) of all 4 residual sites x 12 layers, divided by the
   plain forward (median of several interleaved repetitions), at 32 and 1024 tokens (target <= 1.05);
 * bundle size at 1024 tokens: ``record_incident(..., embed_weights=False)`` written with ``write_bundle``
   (target <= 100 MB);
@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from engine.bundle import open_bundle, write_bundle  # noqa: E402
-from engine.hooks import all_sites, capture  # noqa: E402
+from engine.hooks import all_sites, forward_captured  # noqa: E402
 from engine.models import ModelHandle  # noqa: E402
 from engine.recorder import record_incident  # noqa: E402
 
@@ -86,8 +86,7 @@ def forward_ratio(handle: ModelHandle, n_tokens: int, reps: int) -> tuple[float,
         handle.model(**enc)
 
     def recorded():
-        with capture(handle, keys) as acts:
-            handle.model(**enc)
+        _, acts = forward_captured(handle, keys, **enc)
         assert len(acts) == 48
 
     for fn in (plain, recorded):  # warm-up

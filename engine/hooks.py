@@ -114,16 +114,47 @@ def all_sites(handle: ModelHandle, components=("resid_pre", "attn", "mlp", "resi
 
 
 @contextmanager
-def capture(handle: ModelHandle, sites: list[SiteKey]) -> Iterator[dict[SiteKey, torch.Tensor]]:
-    """Record the activations of ``sites`` into the yielded dict (detached copies, model dtype, on CPU)."""
+def capture(handle: ModelHandle, sites: list[SiteKey], *, copy: bool = True,
+            versions: dict[SiteKey, int] | None = None) -> Iterator[dict[SiteKey, torch.Tensor]]:
+    """Record the activations of ``sites`` into the yielded dict (detached, model dtype, on CPU).
+
+    With ``copy=True`` each activation is copied when the hook sees it. With ``copy=False`` the dict holds
+    detached references (no copy on CPU) and, when ``versions`` is given, each tensor's in-place version counter
+    at capture time is written there so the caller can check nothing modified it later (see
+    :func:`forward_captured`).
+    """
     store: dict[SiteKey, torch.Tensor] = {}
 
     def make(key: SiteKey) -> HookFn:
         def grab(t: torch.Tensor) -> None:
-            store[key] = t.detach().to("cpu", copy=True)
+            if copy:
+                store[key] = t.detach().to("cpu", copy=True)
+            else:
+                d = t.detach().to("cpu")
+                store[key] = d
+                if versions is not None:
+                    versions[key] = d._version
             return None
 
         return grab
 
     with site_hooks(handle, {key: make(key) for key in sites}):
         yield store
+
+
+def forward_captured(handle: ModelHandle, sites: list[SiteKey], **inputs) -> tuple[object, dict[SiteKey, torch.Tensor]]:
+    """One forward of ``handle.model(**inputs)`` with the activations of ``sites``: ``(output, {site: tensor})``.
+
+    Activations are kept by reference (detached), not copied — copying 48 sites of a 1024-token GPT-2-small run
+    cost ~10% of the forward. A tensor the model modifies in place after the hook saw it would make the reference
+    wrong; every tensor's version counter is checked after the forward and, if any moved, the forward is run again
+    with copies, so the result is always what the hook saw.
+    """
+    versions: dict[SiteKey, int] = {}
+    with capture(handle, sites, copy=False, versions=versions) as acts:
+        out = handle.model(**inputs)
+    if all(acts[k]._version == v for k, v in versions.items()):
+        return out, acts
+    with capture(handle, sites, copy=True) as acts:
+        out = handle.model(**inputs)
+    return out, acts

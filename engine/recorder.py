@@ -32,7 +32,7 @@ from .bundle import (BenignRecord, FailureRecord, Incident, ModelInfo, RunRecord
 from .bundle.schema import ACTIVATION_SITES, PROMPT_SETS, STAT_SITES
 from .errors import FailureSpecError, ForensicsError
 from .failure import FailureSpec, margin, span_logprob
-from .hooks import capture
+from .hooks import forward_captured
 from .models import ModelHandle, tokenizer_sha256
 
 Progress = Callable[[int, int, str], None]
@@ -146,8 +146,8 @@ def record_run(handle: ModelHandle, spec: FailureSpec, prompt: str, max_new_toke
         full = torch.cat([enc["input_ids"], torch.tensor([cont], dtype=torch.long)], dim=1)
         enc = {"input_ids": full, "attention_mask": torch.ones_like(full)}
     keys = [(i, s) for i in range(handle.n_layers) for s in sites]
-    with capture(handle, keys) as acts:
-        logits = handle.model(**enc).logits
+    out, acts = forward_captured(handle, keys, **enc)
+    logits = out.logits
     ids = enc["input_ids"]
     text = decode(handle, cont)
     label = None
@@ -213,8 +213,7 @@ def record_benign(handle: ModelHandle, spec: FailureSpec, prompts: Sequence[str]
     for n, (prompt, enc) in enumerate(zip(prompts, encs)):
         if cancel is not None and cancel.is_set():
             raise RecordingCancelled("recording cancelled during the benign runs")
-        with capture(handle, keys) as acts:
-            handle.model(**enc)
+        _, acts = forward_captured(handle, keys, **enc)
         L = int(enc["input_ids"].shape[1])
         pos_counts[:L] += 1
         token_count += L

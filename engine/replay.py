@@ -27,7 +27,7 @@ import torch
 from .behaviour import greedy_continuation
 from .bundle import IncidentBundle, open_bundle
 from .errors import BundleError, ModelLoadError, ReplayError
-from .hooks import capture
+from .hooks import forward_captured
 from .models import ModelHandle, load_model, tokenizer_sha256
 
 Progress = Callable[[int, int, str], None]
@@ -190,8 +190,8 @@ def replay(bundle: IncidentBundle | str | Path, *, model_source: str | None = No
             report.threads = threads
             if progress:
                 progress(0, len(keys) + 1, "replaying the recorded forward")
-            with capture(handle, keys) as acts:
-                logits = handle.model(**enc).logits
+            out, acts = forward_captured(handle, keys, **enc)
+            logits = out.logits
             dec = b.decision_positions
             got = (logits[0:1] if b.mode == "classify" else logits[0, dec]).float().numpy()
             if got.shape != b.logits.shape:

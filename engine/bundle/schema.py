@@ -10,9 +10,9 @@ RECORD_MODES = ("prompt", "generate", "classify")
 PROMPT_SETS = ("counterpart", "variants", "variant_counterparts", "benign_reference", "benign_heldout",
                "benign_expected")
 
-#: Filters for activation datasets: byte-shuffle + gzip level 1 is lossless (bit-exact replay from any layer stays
+#: Filters for activation datasets: byte-shuffle + gzip level 4 is lossless (bit-exact replay from any layer stays
 #: possible) and measured in benchmarks/record.py.
-ACTIVATION_COMPRESSION = dict(compression="gzip", compression_opts=1, shuffle=True)
+ACTIVATION_COMPRESSION = dict(compression="gzip", compression_opts=4, shuffle=True)
 #: Tokens per chunk along the position axis (a chunk holds ``CHUNK_POSITIONS x d_model`` values).
 CHUNK_POSITIONS = 64
 
