@@ -1,0 +1,81 @@
+"""The GUI's engine thread: jobs run off the GUI thread, progress arrives in order, cancel and shutdown work."""
+
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("PySide6")
+
+from workbench.worker import EngineRunner  # noqa: E402
+
+
+@pytest.fixture
+def runner(qtbot):
+    r = EngineRunner()
+    yield r
+    assert r.shutdown(5000)
+
+
+def test_job_runs_on_engine_thread_and_reports(qtbot, runner):
+    seen = []
+    runner.progress.connect(lambda n, d: seen.append((n, d)))
+
+    def job(emit, cancel):
+        for i in range(3):
+            emit(i)
+        return threading.current_thread() is threading.main_thread()
+
+    with qtbot.waitSignal(runner.finished, timeout=5000) as blocker:
+        runner.submit("job", job)
+    assert blocker.args == ["job", False]       # it did not run on the GUI thread
+    qtbot.waitUntil(lambda: len(seen) == 3)
+    assert seen == [("job", 0), ("job", 1), ("job", 2)]
+    qtbot.waitUntil(lambda: not runner.busy)
+
+
+def test_failure_is_one_line(qtbot, runner):
+    def job(emit, cancel):
+        raise ValueError("bad value\nsecond line")
+
+    with qtbot.waitSignal(runner.failed, timeout=5000) as blocker:
+        runner.submit("boom", job)
+    assert blocker.args == ["boom", "ValueError: bad value"]
+
+
+def test_cancel_returns_quickly_and_waiting_job_is_replaced(qtbot, runner):
+    started = threading.Event()
+    results = []
+    runner.finished.connect(lambda n, r: results.append((n, r)))
+
+    def slow(emit, cancel):
+        started.set()
+        while not cancel.wait(0.01):
+            pass
+        return "cancelled"
+
+    runner.submit("slow", slow)
+    assert started.wait(5)
+    runner.submit("edit", lambda e, c: 1)
+    runner.submit("edit", lambda e, c: 2)       # replaces the waiting edit
+    t0 = time.perf_counter()
+    runner.cancel("slow")
+    qtbot.waitUntil(lambda: len(results) == 2, timeout=5000)
+    assert time.perf_counter() - t0 < 1.0
+    assert results == [("slow", "cancelled"), ("edit", 2)]
+
+
+def test_shutdown_cancels_a_running_job(qtbot):
+    r = EngineRunner()
+    started = threading.Event()
+
+    def slow(emit, cancel):
+        started.set()
+        cancel.wait(30)
+        return None
+
+    r.submit("slow", slow)
+    assert started.wait(5)
+    t0 = time.perf_counter()
+    assert r.shutdown(5000)
+    assert time.perf_counter() - t0 < 2.0
