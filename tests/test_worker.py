@@ -79,3 +79,25 @@ def test_shutdown_cancels_a_running_job(qtbot):
     t0 = time.perf_counter()
     assert r.shutdown(5000)
     assert time.perf_counter() - t0 < 2.0
+
+
+def test_session_opens_loads_model_on_engine_thread_and_refuses_bad_files(qtbot, runner, demo_bundle, tmp_path):
+    from engine.errors import ForensicsError
+    from workbench.session import Session
+
+    s = Session(runner)
+    with qtbot.waitSignal(s.bundle_opened, timeout=5000):
+        s.open(demo_bundle)
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"not hdf5 at all")
+    with pytest.raises(ForensicsError):
+        s.open(bad)
+    assert s.bundle is not None and s.path == demo_bundle      # the good bundle stays open
+    with pytest.raises(RuntimeError):
+        s.model()                                              # never on the GUI thread
+    with qtbot.waitSignal(runner.finished, timeout=60000) as blocker:
+        runner.submit("load", lambda emit, cancel: type(s.model()).__name__)
+    assert blocker.args == ["load", "ModelHandle"]
+    with qtbot.waitSignal(s.bundle_closed):
+        s.close()
+    assert s.bundle is None
