@@ -4,12 +4,13 @@
 
 (a) 64 single-site sets: sequential (one plain full forward each) vs batched from the embedding.  target >= 3x
 (b) 64 single-site sets at layers >= 6: batched from the recorded layer 6 vs sequential full forwards. target >= 6x
+    (b2) the same with prefix reuse, for 64 sets at layers >= 6 whose positions are in the second half of the
+    prompt (16..31, where a search over an injected instruction's tokens lands): positions 0..15 run once.
 (c) peak RSS growth of a 256-set evaluation at chunk sizes 16 and 64 (each in a fresh subprocess,
     ``resource.getrusage().ru_maxrss``): memory is bounded by the chunk size, not the number of sets.
 
 Metric-only (``generate=False``); the incident is a ``token:`` one (margin of a target token at the last position)
-built in memory (:class:`engine.interventions.EvalContext`), so no bundle file is needed. No prefix reuse (not
-implemented). Timings use the process's torch thread count (shared machine: expect noise).
+built in memory (:class:`engine.interventions.EvalContext`), so no bundle file is needed. Timings use the process's torch thread count (shared machine: expect noise).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def build():
     return handle, ctx
 
 
-def single_site_sets(n: int, min_layer: int = 0) -> list[InterventionSet]:
+def single_site_sets(n: int, min_layer: int = 0, min_pos: int = 0) -> list[InterventionSet]:
     out = []
     ops = ("zero", "mean", "scale")
     k = 0
@@ -64,7 +65,7 @@ def single_site_sets(n: int, min_layer: int = 0) -> list[InterventionSet]:
         comp = COMPS[(k // 12) % len(COMPS)]
         idx = (k % 12,) if comp == "head" else ((k * 7) % 3072,) if comp == "neuron" else ()
         op = ops[k % 3]
-        out.append(InterventionSet((Intervention(L, comp, (k % N_TOK,), op, indices=idx,
+        out.append(InterventionSet((Intervention(L, comp, (min_pos + k % (N_TOK - min_pos),), op, indices=idx,
                                                  value=0.5 if op == "scale" else None),), f"s{k}"))
         k += 1
     return out
@@ -108,18 +109,18 @@ def main() -> None:
     sets = single_site_sets(64)
     sequential_full(handle, ctx, sets[:2])  # warm-up
     t_seq, _ = timed(lambda: sequential_full(handle, ctx, sets))
+    t_def, res_d = timed(lambda: evaluate_ids(handle, ctx, sets))  # the engine's defaults
     t_bat, res = timed(lambda: evaluate_ids(handle, ctx, sets, chunk_size=64, start_layer=None))
     t_seq1, res1 = timed(lambda: evaluate_ids(handle, ctx, sets, chunk_size=1, start_layer=None))
-    diff = max(abs(a.metric - b.metric) for a, b in zip(res.results, res1.results))
-    sp = t_seq / t_bat
-    print(f"(a) 64 single-site sets: sequential full forwards {t_seq:.2f}s ({len(sets)} forwards); "
-          f"batched from embedding {t_bat:.2f}s ({res.forward_passes} forward, {res.rows} rows) -> {sp:.1f}x "
-          f"[target >= 3x: {'PASS' if sp >= 3 else 'MISS'}]")
-    print(f"    (sequential through the engine, chunk_size=1, LM head at the decision position only: {t_seq1:.2f}s "
-          f"-> batched is {t_seq1 / t_bat:.1f}x; batched vs sequential metric max diff {diff:.2g})")
-    t_auto, res_a = timed(lambda: evaluate_ids(handle, ctx, sets, chunk_size=64, start_layer="auto"))
-    print(f"    batched, start_layer=auto (sets grouped by lowest layer, 1 chunk -> starts at layer "
-          f"{res_a.start_layer}): {t_auto:.2f}s -> {t_seq / t_auto:.1f}x")
+    diff = max(abs(a.metric - b.metric) for a, b in zip(res_d.results, res1.results))
+    sp = t_seq / t_def
+    print(f"(a) 64 single-site sets (layers 0..11, positions 0..31): sequential full forwards {t_seq:.2f}s "
+          f"({len(sets)} forwards); batched with the engine's defaults (chunk_size=32, start_layer=auto: chunks "
+          f"start at layers {res_d.chunk_start_layers}) {t_def:.2f}s ({res_d.forward_passes} forwards, "
+          f"{res_d.rows} rows) -> {sp:.1f}x [target >= 3x: {'PASS' if sp >= 3 else 'MISS'}]")
+    print(f"    batching alone (1 forward x 64 rows from the embedding): {t_bat:.2f}s -> {t_seq / t_bat:.1f}x; "
+          f"sequential through the engine (chunk_size=1, LM head at the decision position only): {t_seq1:.2f}s; "
+          f"batched vs sequential metric max diff {diff:.2g}")
 
     sets6 = single_site_sets(64, min_layer=6)
     t_seq6, _ = timed(lambda: sequential_full(handle, ctx, sets6))
@@ -129,8 +130,18 @@ def main() -> None:
     sp6 = t_seq6 / t_l6
     print(f"(b) 64 single-site sets at layers 6..11: sequential full forwards {t_seq6:.2f}s; batched from recorded "
           f"layer 6 {t_l6:.2f}s -> {sp6:.1f}x [target >= 6x: {'PASS' if sp6 >= 6 else 'MISS'}] "
-          f"(batched from embedding {t_full6:.2f}s; from-layer vs from-embedding metric max diff {d6:.2g}; "
-          f"prefix reuse: not implemented)")
+          f"(batched from embedding {t_full6:.2f}s; from-layer vs from-embedding metric max diff {d6:.2g})")
+    setsp = single_site_sets(64, min_layer=6, min_pos=N_TOK // 2)
+    t_seqp, seqp = timed(lambda: sequential_full(handle, ctx, setsp))
+    t_pr, resp = timed(lambda: evaluate_ids(handle, ctx, setsp, chunk_size=64, start_layer=6, prefix_reuse=True))
+    t_np, resn = timed(lambda: evaluate_ids(handle, ctx, setsp, chunk_size=64, start_layer=6))
+    dp = max(abs(a.metric - b.metric) for a, b in zip(resp.results, resn.results))
+    spp = t_seqp / t_pr
+    print(f"(b2) 64 single-site sets at layers 6..11, positions {N_TOK // 2}..{N_TOK - 1}: sequential full forwards "
+          f"{t_seqp:.2f}s; batched from recorded layer 6 with prefix reuse (prefix {resp.chunk_prefixes[0]} tokens "
+          f"run once, {resp.forward_passes} forwards) {t_pr:.2f}s -> {spp:.1f}x "
+          f"[target >= 6x: {'PASS' if spp >= 6 else 'MISS'}] (without prefix reuse {t_np:.2f}s -> "
+          f"{t_seqp / t_np:.1f}x; prefix-reuse vs no-reuse metric max diff {dp:.2g})")
 
     print("(c) 256-set evaluation, peak RSS growth over the warmed-up process (fresh subprocess per chunk size):")
     rows = []

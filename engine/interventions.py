@@ -397,14 +397,17 @@ def _site_shape(handle: ModelHandle, comp: str) -> tuple[int, ...]:
 
 
 def _make_hook(handle: ModelHandle, layer: int, comp: str, rows: list[tuple[int, Intervention]],
-               sources: ActivationSources | None, unaligned: dict):
+               sources: ActivationSources | None, unaligned: dict, offset: int = 0):
+    """The hook applying ``rows`` at one site.  ``offset``: absolute position of the tensor's first position (> 0
+    when a cached prefix is reused: the hook then sees only positions ``offset..``)."""
     shape = _site_shape(handle, comp)
 
     def fn(t: torch.Tensor) -> torch.Tensor:
         out = t.clone()
-        n_pos = t.shape[1]
+        n_pos = offset + t.shape[1]  # absolute length
         for row, iv in rows:
-            pos = list(range(n_pos)) if iv.positions == "all" else [p for p in iv.positions if p < n_pos]
+            pos = (list(range(offset, n_pos)) if iv.positions == "all" else
+                   [p for p in iv.positions if offset <= p < n_pos])
             if not pos:
                 continue
             idx = list(iv.indices) if iv.indices else None
@@ -414,11 +417,12 @@ def _make_hook(handle: ModelHandle, layer: int, comp: str, rows: list[tuple[int,
                     unaligned.setdefault(row, set()).update(miss)
                 if not pos:
                     continue
-            ptens = torch.tensor(pos)
+            ptens = torch.tensor(pos)  # absolute positions (sources are indexed by these)
+            rel = ptens - offset  # positions in this tensor
             if idx is None:
-                view = out[row, ptens]
+                view = out[row, rel]
             else:
-                view = out[row][ptens][..., idx, :] if comp == "head" else out[row][ptens][..., idx]
+                view = out[row][rel][..., idx, :] if comp == "head" else out[row][rel][..., idx]
             if iv.op == "zero":
                 new = torch.zeros_like(view)
             elif iv.op == "scale":
@@ -435,15 +439,15 @@ def _make_hook(handle: ModelHandle, layer: int, comp: str, rows: list[tuple[int,
                 d = sources.donor(layer, comp, shape)[torch.tensor(src)].to(t.dtype)
                 new = d if idx is None else (d[..., idx, :] if comp == "head" else d[..., idx])
             if idx is None:
-                out[row, ptens] = new
+                out[row, rel] = new
             else:
                 r = out[row]
-                sel = r[ptens]
+                sel = r[rel]
                 if comp == "head":
                     sel[..., idx, :] = new
                 else:
                     sel[..., idx] = new
-                r[ptens] = sel
+                r[rel] = sel
         return out
 
     return fn
@@ -481,7 +485,7 @@ def run_with_interventions(handle: ModelHandle, input_ids: torch.Tensor, sets: S
                            sources: ActivationSources | None = None, start_layer: int = 0,
                            start_resid: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                            token_type_ids: torch.Tensor | None = None,
-                           unaligned: dict | None = None, logits_from: int = 0) -> torch.Tensor:
+                           unaligned: dict | None = None, logits_from: int = 0, prefix: int = 0) -> torch.Tensor:
     """One forward with every set applied to its own batch row; returns the logits ``[len(sets), ...]``.
 
     Args:
@@ -493,6 +497,12 @@ def run_with_interventions(handle: ModelHandle, input_ids: torch.Tensor, sets: S
         unaligned: filled with ``{row: {positions}}`` for ``patch`` positions without a donor partner.
         logits_from: causal LMs only: compute the LM head only for positions ``logits_from..pos-1`` (the returned
             logits then cover just those positions); 0 = every position.
+        prefix: causal LMs only (prefix reuse): positions ``0..prefix-1`` are identical in every row — no
+            intervention touches them and a causal model's later positions cannot change them — so they are run
+            once, as one row, and only positions ``prefix..`` are run per row on top of that row's key/value
+            cache.  Needs ``logits_from >= prefix``, rows sharing ``input_ids`` and every intervention at
+            positions ``>= prefix``.  Exact up to float rounding (the prefix is computed in a different matmul
+            shape); the tests and ``docs/interventions.md`` give the measured difference.
     """
     rows = len(sets)
     if rows == 0:
@@ -512,13 +522,27 @@ def run_with_interventions(handle: ModelHandle, input_ids: torch.Tensor, sets: S
             by_site.setdefault((iv.layer, iv.component), []).append((r, iv))
             if iv.op == "patch":  # fetch (and for a bundle: run the donor) before any hook is installed
                 sources.donor(iv.layer, iv.component, handle.site_shape(iv.component))
+    prefix = int(prefix)
+    if prefix:
+        if not handle.is_causal_lm:
+            raise InterventionError("prefix reuse needs a causal language model")
+        if not 0 < prefix <= logits_from or prefix >= ids.shape[1]:
+            raise InterventionError(f"prefix {prefix} must be in 1..logits_from ({logits_from}) and shorter than "
+                                    f"the input ({ids.shape[1]} tokens)")
+        if rows > 1 and not bool((ids == ids[:1]).all()):
+            raise InterventionError("prefix reuse needs every row to share its input ids")
+        for s in sets:
+            for iv in s.interventions:
+                if iv.positions == "all" or min(iv.positions) < prefix:
+                    raise InterventionError(f"{iv.describe()} touches a position below the reused prefix {prefix}")
     miss = {} if unaligned is None else unaligned
-    fns: dict = {k: [_make_hook(handle, k[0], k[1], v, sources, miss)] for k, v in by_site.items()}
+    fns: dict = {k: [_make_hook(handle, k[0], k[1], v, sources, miss, offset=prefix)] for k, v in by_site.items()}
     if start_layer > 0:
         if start_resid is None:
             raise InterventionError("start_layer > 0 needs start_resid (the recorded resid_pre of that block)")
         res = torch.as_tensor(start_resid)
         res = res if res.dim() == 3 else res[None]
+        res = res[:, prefix:]
 
         def inject(t: torch.Tensor) -> torch.Tensor:
             return res.to(t.dtype).expand(t.shape[0], -1, -1).clone()
@@ -529,10 +553,25 @@ def run_with_interventions(handle: ModelHandle, input_ids: torch.Tensor, sets: S
                             (attention_mask if attention_mask.dim() == 2 else attention_mask[None]).expand(rows, -1))
     if token_type_ids is not None:
         kw["token_type_ids"] = (token_type_ids if token_type_ids.dim() == 2 else token_type_ids[None]).expand(rows, -1)
+    n_total = int(ids.shape[1])
+    if prefix:
+        # The shared prefix: one row, no hooks, all blocks; its key/value cache is repeated for every row.
+        pkw = {"logits_to_keep": 1} if _accepts_logits_to_keep(handle.model) else {}
+        pre = handle.model(input_ids=ids[:1, :prefix], attention_mask=kw["attention_mask"][:1, :prefix],
+                           use_cache=True, **pkw)
+        cache = pre.past_key_values
+        if cache is None:
+            raise InterventionError(f"{type(handle.model).__name__} returned no key/value cache: no prefix reuse")
+        if rows > 1:
+            cache.batch_repeat_interleave(rows)
+        kw["input_ids"] = ids[:, prefix:]
+        kw["past_key_values"] = cache
+        kw["use_cache"] = True
+        kw.pop("token_type_ids", None)
     if logits_from > 0 and handle.is_causal_lm and _accepts_logits_to_keep(handle.model):
-        kw["logits_to_keep"] = int(ids.shape[1] - logits_from)
+        kw["logits_to_keep"] = int(n_total - logits_from)
     elif logits_from > 0:
-        logits_from = -logits_from  # not supported: slice afterwards
+        logits_from = -(logits_from - prefix)  # not supported: slice afterwards
     saved = _skip_blocks(handle, start_layer) if start_layer > 0 else []
     try:
         with site_hooks(handle, fns):
@@ -617,11 +656,12 @@ class EvalResult:
     seconds: float = 0.0
     start_layer: int = 0  # lowest layer a chunk's metric forward started from
     chunk_start_layers: list[int] = field(default_factory=list)
+    chunk_prefixes: list[int] = field(default_factory=list)  # reused prefix length per chunk (0 = none)
 
     def to_dict(self) -> dict:
         return {"results": [r.to_dict() for r in self.results], "forward_passes": self.forward_passes,
                 "rows": self.rows, "seconds": self.seconds, "start_layer": self.start_layer,
-                "chunk_start_layers": self.chunk_start_layers}
+                "chunk_start_layers": self.chunk_start_layers, "chunk_prefixes": self.chunk_prefixes}
 
 
 @dataclass
@@ -677,6 +717,7 @@ def _label_names(handle: ModelHandle) -> Callable[[int], str]:
 
 def evaluate(bundle, handle: ModelHandle, sets: Sequence[InterventionSet], *, chunk_size: int = 32,
              start_layer: int | str | None = "auto", generate: bool = True, top_k: int = 5,
+             prefix_reuse: bool = False,
              progress: Progress | None = None, cancel: threading.Event | None = None) -> EvalResult:
     """Evaluate intervention sets on a bundle's incident (see the module docstring).
 
@@ -690,15 +731,21 @@ def evaluate(bundle, handle: ModelHandle, sets: Sequence[InterventionSet], *, ch
         generate: for ``contains:``/``wordlist:`` incidents, generate the continuation under each set and judge
             ``failing`` on it; otherwise ``failing`` is teacher-forced (every recorded continuation token up to the
             end of the failing span is still the greedy choice).
+        prefix_reuse: causal LMs: run the positions before the earliest intervened position once per chunk (one
+            row) and only the rest per row, on its key/value cache (see :func:`run_with_interventions`); applies
+            to the metric forward, not to generation.  Off by default: equal to a full replay only up to float
+            rounding (measured in ``docs/interventions.md``).
     """
     validate_for(handle, sets, bundle.n_positions)
     return evaluate_ids(handle, context_from_bundle(bundle, handle), sets, chunk_size=chunk_size,
-                        start_layer=start_layer, generate=generate, top_k=top_k, progress=progress, cancel=cancel)
+                        start_layer=start_layer, generate=generate, top_k=top_k, prefix_reuse=prefix_reuse,
+                        progress=progress, cancel=cancel)
 
 
 @torch.no_grad()
 def evaluate_ids(handle: ModelHandle, ctx: EvalContext, sets: Sequence[InterventionSet], *, chunk_size: int = 32,
                  start_layer: int | str | None = "auto", generate: bool = True, top_k: int = 5,
+                 prefix_reuse: bool = False,
                  progress: Progress | None = None, cancel: threading.Event | None = None) -> EvalResult:
     """:func:`evaluate` on an :class:`EvalContext` (no bundle file needed)."""
     t0 = time.perf_counter()
@@ -714,6 +761,7 @@ def evaluate_ids(handle: ModelHandle, ctx: EvalContext, sets: Sequence[Intervent
     t_start = ctx.target_start if ctx.probe_ids is None else ctx.n_prompt
     t_len = ctx.target_length if ctx.probe_ids is None else int(ctx.probe_ids.shape[0] - ctx.n_prompt)
     used: list[int] = []
+    prefixes: list[int] = []
     n_chunks = math.ceil(len(sets) / chunk_size) if sets else 0
     auto = start_layer == "auto" and ctx.resid_pre is not None and ctx.probe_ids is None
     # With "auto", sets are grouped by their lowest layer so each chunk starts as late as it can; results keep the
@@ -743,13 +791,21 @@ def evaluate_ids(handle: ModelHandle, ctx: EvalContext, sets: Sequence[Intervent
                 raise InterventionError("starting from a layer needs the recorded resid_pre of the failing run")
         resid = ctx.resid_pre(L) if L > 0 else None
         used.append(L)
+        P = 0
+        if prefix_reuse and handle.is_causal_lm and lf > 0:
+            firsts = [0 if iv.positions == "all" else min(iv.positions) for s in chunk for iv in s.interventions]
+            P = min(firsts + [lf])
+            if P > 0:
+                counter[0] += 1  # the shared prefix: one more (one-row) forward
+                counter[1] += 1
+        prefixes.append(P)
         unaligned: dict = {}
         logits = run_with_interventions(
             handle, ids[None], chunk, sources=ctx.sources, start_layer=L, start_resid=resid,
             attention_mask=None if ctx.probe_ids is not None else
             (ctx.attention_mask[None] if ctx.attention_mask is not None else None),
             token_type_ids=None if ctx.token_type_ids is None else ctx.token_type_ids[None], unaligned=unaligned,
-            logits_from=lf)
+            logits_from=lf, prefix=P)
         counter[0] += 1
         counter[1] += len(chunk)
         if kind == "label":
@@ -795,7 +851,7 @@ def evaluate_ids(handle: ModelHandle, ctx: EvalContext, sets: Sequence[Intervent
                                       f"intervention sets")
     results = [r for r in slots if r is not None]
     return EvalResult(results, forward_passes=counter[0], rows=counter[1], seconds=time.perf_counter() - t0,
-                      start_layer=min(used, default=0), chunk_start_layers=used)
+                      start_layer=min(used, default=0), chunk_start_layers=used, chunk_prefixes=prefixes)
 
 
 def summarize(before: SetResult, after: SetResult) -> dict:

@@ -408,3 +408,52 @@ def test_bundle_start_layer_auto_matches_full(injection):
     assert [x.failing for x in fast.results] == [y.failing for y in full.results]
     single = evaluate(b, handle, sets[:1], generate=False, start_layer=2)
     assert single.results[0].metric == full.results[0].metric
+
+
+CAUSAL = {"gpt2": _gpt2, "llama": _llama}
+
+
+@pytest.mark.parametrize("family", list(CAUSAL))
+def test_prefix_reuse_matches_full(family):
+    """Positions before the first intervened one run once (a key/value cache shared by every row)."""
+    model = CAUSAL[family]()
+    handle = ModelHandle(model=model, tokenizer=None)
+    tok, pos, counts, donor, sources = _sources(model, family)
+    ids = _ids()
+    sets = [InterventionSet()] + [InterventionSet((_iv(model, c, op, L, positions=(3, 5)),), f"{L}{c}{op}")
+                                  for c in COMPONENTS for op in OPS for L in (0, 1)]
+    full = run_with_interventions(handle, ids, sets, sources=sources, logits_from=3)
+    fast = run_with_interventions(handle, ids, sets, sources=sources, logits_from=3, prefix=3)
+    assert fast.shape == full.shape == (len(sets), N_POS - 3, 50)
+    diff = (full - fast).abs().max().item()
+    print(f"{family} prefix=3 rows={len(sets)} max_abs_diff_vs_full={diff:.3g} "
+          f"bit_identical={torch.equal(full, fast)}")
+    assert diff < 1e-5
+    assert not torch.allclose(fast[0], fast[1 + COMPONENTS.index("mlp") * 2 * len(OPS)])  # edits took effect
+    # with a start layer too: recorded resid_pre of block 1, prefix from the cache
+    resid1 = _capture_plain(family, model, ids, ("resid_pre",))[(1, "resid_pre")]
+    late = [s for s in sets if s.min_layer in (None, 1)]
+    both = run_with_interventions(handle, ids, late, sources=sources, logits_from=3, prefix=3, start_layer=1,
+                                  start_resid=resid1)
+    ref = run_with_interventions(handle, ids, late, sources=sources, logits_from=3)
+    assert (both - ref).abs().max().item() < 1e-5
+    # an intervention inside the prefix is refused, not silently ignored
+    with pytest.raises(InterventionError):
+        run_with_interventions(handle, ids, [InterventionSet((_iv(model, "mlp", "zero", 1, (2, 4)),))],
+                               logits_from=3, prefix=3)
+
+
+def test_bundle_prefix_reuse_matches_full(injection):
+    b, handle, _ = injection
+    n = b.n_prompt_tokens
+    sets = [InterventionSet(name="base")] + [InterventionSet((Intervention(L, c, (p,), "zero"),))
+                                             for L in (1, 3) for c in ("attn", "mlp", "resid_post")
+                                             for p in (n - 4, n - 1)]
+    fast = evaluate(b, handle, sets, generate=False, prefix_reuse=True)
+    full = evaluate(b, handle, sets, generate=False)
+    assert all(0 < p <= n - 1 for p in fast.chunk_prefixes) and full.chunk_prefixes == [0]
+    diff = max(abs(x.metric - y.metric) for x, y in zip(fast.results, full.results))
+    print(f"bundle prefix {fast.chunk_prefixes} metric max_abs_diff_vs_full={diff:.3g}")
+    assert diff < 1e-4
+    assert [x.failing for x in fast.results] == [y.failing for y in full.results]
+    assert any(not x.failing for x in fast.results)  # some edit mattered (zeroing the residual stream)
