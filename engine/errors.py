@@ -47,3 +47,7 @@ class InterventionError(ForensicsError):
 
 class ScenarioError(ForensicsError):
     """A scenario name is unknown or its shipped assets are missing."""
+
+
+class CertificateError(ForensicsError):
+    """An RCA certificate is malformed, fails its schema, or cannot be built from the given results."""
