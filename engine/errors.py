@@ -51,3 +51,7 @@ class ScenarioError(ForensicsError):
 
 class CertificateError(ForensicsError):
     """An RCA certificate is malformed, fails its schema, or cannot be built from the given results."""
+
+
+class CCAError(ForensicsError):
+    """A causal fix-set search or evaluation cannot run (no failure to fix, bad options, malformed result)."""
