@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import pytest
@@ -43,3 +44,62 @@ def test_bar_plot_draws_scores_threshold_and_click(qtbot):
     pos = plot.mapFromScene(plot.bar_scene_pos(1, "mlp"))
     qtbot.mouseClick(plot.viewport(), Qt.MouseButton.LeftButton, pos=pos)
     assert hits == [(1, "mlp")]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The view, end to end on the demo incident (needs engine.cf)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def session(qtbot, demo_bundle):
+    from workbench.session import Session
+    from workbench.worker import EngineRunner
+
+    runner = EngineRunner()
+    s = Session(runner)
+    s.open(demo_bundle)
+    yield s
+    s.close()
+    assert runner.shutdown(10_000)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("engine.cf") is None, reason="engine.cf has not landed")
+def test_cf_run_fills_plot_live_and_bar_click_jumps(qtbot, session):
+    from workbench.views.cf_view import CFView
+
+    view = CFView(session, session.runner)
+    qtbot.addWidget(view)
+    view.resize(900, 600)
+    view.show()
+    qtbot.waitExposed(view)
+    assert view.run_button.isEnabled() and not view.cancel_button.isEnabled()
+    live_counts = []
+    session.runner.progress.connect(lambda name, data: live_counts.append(len(view.plot.scores)))
+    with qtbot.waitSignal(session.cf_changed, timeout=120_000) as blocker:
+        view.run_button.click()
+        assert not view.run_button.isEnabled() and view.cancel_button.isEnabled()
+        assert view.timer.isActive()
+    res = blocker.args[0]
+    assert session.cf is res and not res.partial
+    assert not view.timer.isActive()                       # the refresh timer stops when the run is over
+    assert view.run_button.isEnabled() and not view.cancel_button.isEnabled()
+    # the plot filled in while scores arrived (some redraws happened before the end)
+    assert live_counts and min(live_counts) < len(res.scores)
+    # bar heights are the result's scores, per site, in layer order
+    for site in session.bundle.sites:
+        drawn = [h for _, h in view.plot.bar_heights(site)]
+        expected = [s.score for s in res.scores if s.site == site]
+        assert drawn == pytest.approx(expected)
+    assert view.plot.threshold_line.isVisible()
+    assert view.plot.threshold_line.value() == pytest.approx(res.threshold)
+    assert view.findings.rowCount() == len(res.findings)
+    if res.findings:
+        top = res.findings[0]
+        assert view.findings.item(0, 1).text() == str(top.layer) and view.findings.item(0, 2).text() == top.site
+
+    # clicking the highest bar asks the browser for that site
+    best = max(res.scores, key=lambda s: s.score)
+    with qtbot.waitSignal(session.site_requested, timeout=2000) as jump:
+        pos = view.plot.mapFromScene(view.plot.bar_scene_pos(best.layer, best.site))
+        qtbot.mouseClick(view.plot.viewport(), Qt.MouseButton.LeftButton, pos=pos)
+    assert jump.args == [best.layer, best.site]
+    assert "p = " in view.plot.tooltip_for(best.layer, best.site)

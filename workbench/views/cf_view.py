@@ -1,0 +1,305 @@
+"""Story 3: run Compression Forensics and watch the per-layer anomaly plot fill in live.
+
+The CF job runs on the engine thread (``engine.cf.run_cf`` with ``on_layer`` → the runner's ``progress``
+signal).  The view's slots only store what arrives; a ~10 Hz :class:`QTimer` redraws the bar plot from the latest
+state and stops once the run is over.  Clicking a bar (or a row of the findings table) emits
+``session.site_requested(layer, site)`` so the layer browser jumps there.  The final result is published with
+``session.set_cf``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from PySide6.QtCore import Qt, QTimer, Slot
+from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QHBoxLayout, QHeaderView, QLabel, QProgressBar,
+                               QPushButton, QSplitter, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
+
+from workbench.views.plots import AnomalyBarPlot, _fmt
+
+JOB = "cf"
+_DEFAULT_STATISTICS = ("bits", "distance")
+_UNITS = {"bits": "bits/value", "distance": "distance from benign mean"}
+
+
+def _cf_module():
+    """``engine.cf`` or ``None`` while it has not landed (the button then says so)."""
+    try:
+        import engine.cf as cf
+    except ModuleNotFoundError as exc:
+        if exc.name != "engine.cf":
+            raise
+        return None
+    return cf
+
+
+class CFView(QWidget):
+    """Run CF, a live per-layer anomaly bar plot with the threshold line, and the ranked findings.
+
+    Args:
+        session: the window's :class:`workbench.session.Session`.
+        runner: the window's :class:`workbench.worker.EngineRunner` (defaults to ``session.runner``).
+    """
+
+    REFRESH_MS = 100
+
+    def __init__(self, session, runner=None, parent=None) -> None:
+        super().__init__(parent)
+        self.setObjectName("CFView")
+        self.session = session
+        self.runner = runner if runner is not None else session.runner
+        self.result = None                 # the CFResult shown (None while running / before any run)
+        self._live: dict[tuple[int, str], object] = {}   # LayerScores received during the run
+        self._dirty = False
+        self._progress = (0, 0, "")
+
+        cf = _cf_module()
+        self.statistic = QComboBox()
+        self.statistic.setToolTip("Statistic CF scores each layer × site with")
+        stats = tuple(getattr(cf, "STATISTICS", _DEFAULT_STATISTICS)) if cf else _DEFAULT_STATISTICS
+        default = getattr(cf, "DEFAULT_STATISTIC", stats[0]) if cf else stats[0]
+        for name in stats:
+            self.statistic.addItem(f"{name} ({_UNITS.get(name, name)})", name)
+        self.statistic.setCurrentIndex(max(0, list(stats).index(default) if default in stats else 0))
+        self.run_button = QPushButton("Run CF")
+        self.run_button.setToolTip("Score every layer × site of the incident against the benign baseline (Ctrl+F)")
+        self.cancel_button = QPushButton("Cancel")
+        self.progress = QProgressBar()
+        self.progress.setTextVisible(True)
+        self.progress.setFormat("%v / %m")
+        self.state_label = QLabel("Open a bundle to run CF.")
+        self.state_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+
+        top = QHBoxLayout()
+        top.addWidget(QLabel("Statistic:"))
+        top.addWidget(self.statistic)
+        top.addWidget(self.run_button)
+        top.addWidget(self.cancel_button)
+        top.addWidget(self.progress, 1)
+
+        self.plot = AnomalyBarPlot()
+        self.plot.setMinimumHeight(220)
+        self.findings = QTableWidget(0, 6)
+        self.findings.setHorizontalHeaderLabels(["#", "layer", "site", "positions", "score", "p-value"])
+        self.findings.verticalHeader().setVisible(False)
+        self.findings.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.findings.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.findings.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        self.findings.horizontalHeader().setStretchLastSection(True)
+        self.findings.setToolTip("Ranked anomalous sites; double-click a row to show it in the browser")
+
+        split = QSplitter(Qt.Orientation.Vertical)
+        split.addWidget(self.plot)
+        split.addWidget(self.findings)
+        split.setStretchFactor(0, 3)
+        split.setStretchFactor(1, 1)
+
+        lay = QVBoxLayout(self)
+        lay.addLayout(top)
+        lay.addWidget(self.state_label)
+        lay.addWidget(split, 1)
+
+        self.timer = QTimer(self)
+        self.timer.setInterval(self.REFRESH_MS)
+        self.timer.timeout.connect(self._refresh)
+
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.plot.bar_clicked.connect(self._on_bar_clicked)
+        self.findings.cellDoubleClicked.connect(self._on_finding_activated)
+        self.runner.progress.connect(self._on_progress)
+        self.runner.finished.connect(self._on_finished)
+        self.runner.failed.connect(self._on_failed)
+        session.bundle_opened.connect(self._on_bundle_opened)
+        session.bundle_closed.connect(self._on_bundle_closed)
+        session.cf_changed.connect(self._on_cf_changed)
+
+        if session.bundle is not None:
+            self._on_bundle_opened(session.bundle)
+        if session.cf is not None:
+            self._on_cf_changed(session.cf)
+        self._update_enabled()
+
+    # ------------------------------------------------------------------ state
+    @property
+    def running(self) -> bool:
+        return self.runner.is_running(JOB)
+
+    def _update_enabled(self) -> None:
+        has_bundle = self.session.bundle is not None
+        running = self.running
+        available = _cf_module() is not None
+        self.run_button.setEnabled(has_bundle and not running and available)
+        self.statistic.setEnabled(not running)
+        self.cancel_button.setEnabled(running)
+        if not available:
+            self.run_button.setToolTip("CF is not available in this build (engine.cf is missing)")
+
+    # ------------------------------------------------------------------ actions
+    @Slot()
+    def run(self) -> None:
+        """Start CF on the engine thread (no-op without a bundle or while a run is going)."""
+        bundle = self.session.bundle
+        if bundle is None or self.running:
+            return
+        statistic = self.statistic.currentData()
+        session = self.session
+
+        def job(emit, cancel):
+            from engine.cf import run_cf
+
+            handle = session.model()
+            return run_cf(bundle, handle, statistic=statistic, cancel=cancel,
+                          progress=lambda done, total, what: emit(("progress", int(done), int(total), str(what))),
+                          on_layer=lambda score: emit(("layer", score)))
+
+        self.result = None
+        self._live = {}
+        self._dirty = True
+        self.plot.configure(bundle.sites, bundle.n_layers, _UNITS.get(statistic, statistic))
+        self.findings.setRowCount(0)
+        n_cells = bundle.n_layers * len(bundle.sites)
+        self.progress.setRange(0, n_cells)
+        self.progress.setValue(0)
+        self._progress = (0, n_cells, "starting")
+        self.state_label.setText(f"Running CF ({statistic}) on {n_cells} layer × site cells…")
+        self.runner.submit(JOB, job, replace=True)
+        self.timer.start()
+        self._update_enabled()
+        self.session.status.emit("CF running…")
+
+    @Slot()
+    def cancel(self) -> None:
+        self.runner.cancel(JOB)
+        self.state_label.setText("Cancelling CF…")
+
+    # ------------------------------------------------------------------ runner slots
+    @Slot(str, object)
+    def _on_progress(self, name: str, data: object) -> None:
+        if name != JOB or not isinstance(data, tuple) or not data:
+            return
+        if data[0] == "layer":
+            score = data[1]
+            self._live[(int(score.layer), str(score.site))] = score
+            self._dirty = True
+        elif data[0] == "progress":
+            self._progress = (data[1], data[2], data[3])
+            self._dirty = True
+
+    @Slot(str, object)
+    def _on_finished(self, name: str, result: object) -> None:
+        if name != JOB:
+            return
+        self.timer.stop()
+        self._update_enabled()
+        if result is None:
+            self.state_label.setText("CF stopped before scoring anything.")
+            return
+        self.session.set_cf(result)      # → _on_cf_changed draws it
+        self.session.status.emit("CF partial (cancelled)" if result.partial else
+                                 f"CF done: {len(result.findings)} finding(s)")
+
+    @Slot(str, str)
+    def _on_failed(self, name: str, message: str) -> None:
+        if name != JOB:
+            return
+        self.timer.stop()
+        self._refresh()
+        self._update_enabled()
+        self.state_label.setText(f"CF failed: {message}")
+        self.session.status.emit(f"CF failed: {message}")
+
+    @Slot()
+    def _refresh(self) -> None:
+        """Timer tick: redraw the plot from the scores received so far."""
+        if not self._dirty:
+            return
+        self._dirty = False
+        done, total, what = self._progress
+        done = max(done, len(self._live))
+        if total:
+            self.progress.setRange(0, max(total, done))
+        self.progress.setValue(done)
+        self.plot.set_scores(self._live.values())
+        if self.running and what:
+            self.state_label.setText(f"Running CF: {what} ({len(self._live)} cells scored)")
+
+    # ------------------------------------------------------------------ session slots
+    @Slot(object)
+    def _on_bundle_opened(self, bundle) -> None:
+        self.result = None
+        self._live = {}
+        self.plot.configure(bundle.sites, bundle.n_layers, _UNITS.get(self.statistic.currentData(), ""))
+        self.findings.setRowCount(0)
+        self.progress.setRange(0, max(1, bundle.n_layers * len(bundle.sites)))
+        self.progress.setValue(0)
+        self.state_label.setText(f"{bundle.n_layers} layers × {len(bundle.sites)} sites. Press Run CF.")
+        self._update_enabled()
+
+    @Slot()
+    def _on_bundle_closed(self) -> None:
+        self.timer.stop()
+        self.result = None
+        self._live = {}
+        self.plot.configure([], 0)
+        self.findings.setRowCount(0)
+        self.progress.setValue(0)
+        self.state_label.setText("Open a bundle to run CF.")
+        self._update_enabled()
+
+    @Slot(object)
+    def _on_cf_changed(self, result) -> None:
+        if result is None:
+            return
+        bundle = self.session.bundle
+        self.result = result
+        sites = list(bundle.sites) if bundle is not None else sorted({s.site for s in result.scores})
+        n_layers = bundle.n_layers if bundle is not None else 1 + max((s.layer for s in result.scores), default=-1)
+        self.plot.configure(sites, n_layers, _UNITS.get(result.statistic, result.statistic))
+        self.plot.set_scores(result.scores, result.threshold)
+        self._live = {(s.layer, s.site): s for s in result.scores}
+        self.progress.setRange(0, max(1, n_layers * len(sites)))
+        self.progress.setValue(len(result.scores))
+        self._fill_findings(result)
+        flagged = sum(1 for s in result.scores if s.flagged)
+        fpr = "" if result.heldout_fpr is None else f"; held-out benign FPR {result.heldout_fpr:.1%}"
+        self.state_label.setText(
+            ("PARTIAL (cancelled): " if result.partial else "") +
+            f"CF ({result.statistic}) scored {len(result.scores)} cells in {result.seconds:.1f} s: {flagged} above "
+            f"threshold {_fmt(result.threshold)}{fpr}. Click a bar to show that site.")
+        self._update_enabled()
+
+    def _fill_findings(self, result) -> None:
+        rows = result.findings
+        self.findings.setRowCount(len(rows))
+        for r, f in enumerate(rows):
+            positions = ", ".join(str(p) for p in f.positions)
+            values = [str(r + 1), str(f.layer), f.site, positions, _fmt(f.score), _fmt(f.p_value)]
+            for c, text in enumerate(values):
+                item = QTableWidgetItem(text)
+                if c in (0, 1, 4, 5):
+                    item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+                item.setData(Qt.ItemDataRole.UserRole, (int(f.layer), str(f.site)))
+                self.findings.setItem(r, c, item)
+
+    # ------------------------------------------------------------------ navigation
+    @Slot(int, str)
+    def _on_bar_clicked(self, layer: int, site: str) -> None:
+        self.session.site_requested.emit(int(layer), str(site))
+        s = self.plot.scores.get((layer, site))
+        if s is not None and math.isfinite(float(s.score)):
+            self.session.status.emit(f"layer {layer} {site}: anomaly score {_fmt(s.score)}, p = {_fmt(s.p_value)}")
+
+    @Slot(int, int)
+    def _on_finding_activated(self, row: int, _col: int) -> None:
+        item = self.findings.item(row, 0)
+        if item is not None:
+            layer, site = item.data(Qt.ItemDataRole.UserRole)
+            self.session.site_requested.emit(layer, site)
+
+    # ------------------------------------------------------------------ lifetime
+    def closeEvent(self, event) -> None:  # noqa: N802 - Qt naming
+        self.timer.stop()
+        if self.running:
+            self.runner.cancel(JOB)
+        super().closeEvent(event)
