@@ -55,3 +55,11 @@ class CertificateError(ForensicsError):
 
 class CCAError(ForensicsError):
     """A causal fix-set search or evaluation cannot run (no failure to fix, bad options, malformed result)."""
+
+
+class CFError(ForensicsError):
+    """Compression Forensics cannot run (no benign reference prompts, unknown statistic, malformed result)."""
+
+
+class BaselineError(CFError):
+    """A CF baseline database is missing, malformed, of an unknown version, or belongs to another model."""
