@@ -1,0 +1,95 @@
+"""Story 4 (Run CCA): progress, live search plot, the fix set in the table; Cancel gives a partial result fast."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+pytest.importorskip("PySide6")
+pytest.importorskip("pytestqt")
+
+from workbench.session import Session  # noqa: E402
+from workbench.views.cca_view import CCAView  # noqa: E402
+from workbench.worker import EngineRunner  # noqa: E402
+
+
+@pytest.fixture
+def session(qtbot, demo_bundle):
+    runner = EngineRunner()
+    s = Session(runner)
+    s.open(demo_bundle)
+    yield s
+    s.close()
+    assert runner.shutdown(10_000)
+
+
+@pytest.fixture
+def view(qtbot, session):
+    v = CCAView(session, session.runner)
+    qtbot.addWidget(v)
+    v.resize(1000, 800)
+    v.show()
+    qtbot.waitExposed(v)
+    return v
+
+
+def test_cca_run_shows_progress_trace_and_fix_set(qtbot, session, view):
+    assert view.run_button.isEnabled() and not view.cancel_button.isEnabled()
+    view.controls.setValue(20)                 # small control count keeps the test fast
+    seen = []                                  # what the user saw at each refresh tick
+    view.timer.timeout.connect(lambda: seen.append((view.stage_label.text(), view.progress.maximum(),
+                                                    view.progress.value())))
+    with qtbot.waitSignal(session.cca_changed, timeout=120_000) as blocker:
+        view.run_button.click()
+        assert not view.run_button.isEnabled() and view.cancel_button.isEnabled()
+        assert not view.beam.isEnabled() and view.timer.isActive()
+    res = blocker.args[0]
+    assert session.cca is res and not res.partial and res.n_controls == 20
+    assert not view.timer.isActive() and view.run_button.isEnabled() and not view.cancel_button.isEnabled()
+    # the label showed stage / passes / best metric while running
+    assert any("stage:" in t and "passes:" in t and "best metric:" in t for t, _, _ in seen)
+    assert any(mx > 0 and val > 0 for _, mx, val in seen)       # the progress bar advanced
+    # the live plot holds the search trace: best metric against forward passes
+    xs, ys = view.trace_curve.getData()
+    finite = [(t["passes"], t["best_metric"]) for t in res.trace
+              if t.get("best_metric") is not None and math.isfinite(t["best_metric"])]
+    assert len(xs) == len(finite) > 0
+    assert list(xs) == [float(p) for p, _ in finite] and list(ys) == pytest.approx([m for _, m in finite])
+    # the fix set table lists every element with its site
+    assert view.fix_table.rowCount() == len(res.fix_set) > 0
+    for r, el in enumerate(res.fix_set):
+        assert view.fix_table.item(r, 1).text() == str(el.intervention.layer)
+        assert view.fix_table.item(r, 2).text() == el.intervention.component
+    # criteria with check marks, the flip rate with its CI in the summary
+    assert view.criteria_table.rowCount() == len(res.criteria)
+    marks = {view.criteria_table.item(r, 1).text(): view.criteria_table.item(r, 0).text()
+             for r in range(view.criteria_table.rowCount())}
+    for name, c in res.criteria.items():
+        assert marks[name.replace("_", " ")] == ("\u2713" if c["ok"] else "\u2717")
+    text = view.summary.text()
+    assert f"{res.n_variants} held-out failing variants: {100 * res.flip_rate:.1f}%" in text
+    assert "Wilson 95% CI" in text and f"{res.n_controls} random control sets" in text
+    assert not view.partial_label.isVisible()
+
+
+def test_cancel_mid_run_gives_partial_result_quickly(qtbot, session, view):
+    view.controls.setValue(2000)               # long enough that Cancel always lands mid-run
+    view.max_size.setValue(8)
+    with qtbot.waitSignal(session.cca_changed, timeout=120_000) as blocker:
+        view.run_button.click()
+        # wait until the search has really started (a step arrived), then cancel
+        qtbot.waitUntil(lambda: len(view._trace) >= 1, timeout=60_000)
+        t0 = time.perf_counter()
+        view.cancel_button.click()
+    dt = time.perf_counter() - t0
+    print(f"cancel -> partial result shown in {dt:.3f} s")
+    res = blocker.args[0]
+    assert res.partial
+    assert dt < 3.0, f"cancel took {dt:.2f} s"         # ~1 s target; generous for a loaded CI machine
+    assert view.partial_label.isVisible()
+    assert view.summary.text().startswith("PARTIAL")
+    assert "partial" in view.stage_label.text()
+    assert view.run_button.isEnabled() and not view.cancel_button.isEnabled() and view.beam.isEnabled()
+    assert not view.timer.isActive()
