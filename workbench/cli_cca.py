@@ -1,0 +1,141 @@
+"""``forensics cca``: search a causal minimal fix set for an incident and print the evidence.
+
+    forensics cca BUNDLE.h5 [--json] [--out RESULT.json] [--beam W] [--max-size K] [--op mean|patch]
+                  [--controls N] [--no-cf] [--cf CF.json] [--seed S]
+
+Exit status: 0 = a fix set was found and every criterion of the issue holds; 1 = the search finished but the set
+misses at least one criterion (or nothing fixes the incident) — the output says which and by how much; 2 = bad
+usage; 3 = bad input (missing or corrupt bundle, nothing to fix).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_MISSED, EXIT_USAGE, EXIT_ERROR = 0, 1, 2, 3
+
+
+def register(sub) -> None:
+    c = sub.add_parser("cca", help="causal minimal fix set search (flip rate, side effects, minimality, p-value)",
+                       description="Search the smallest set of activation interventions that makes the incident's "
+                                   "failure go away, and measure its evidence. Exit 0 = every criterion holds, "
+                                   "1 = a criterion is missed (printed), 2 = usage, 3 = bad input.")
+    c.add_argument("bundle", help="incident bundle (.h5)")
+    c.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    c.add_argument("--out", help="write the result JSON to this file")
+    c.add_argument("--beam", type=int, default=1, help="beam width (1 = greedy)")
+    c.add_argument("--max-size", type=int, default=4, help="largest fix set searched")
+    c.add_argument("--op", choices=("mean", "patch"), default="mean",
+                   help="mean = benign mean ablation (default), patch = from the benign counterpart")
+    c.add_argument("--controls", type=int, default=200, help="random control sets for the p-value (>= 200)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the control sets")
+    c.add_argument("--no-cf", action="store_true", help="rank without the CF prior")
+    c.add_argument("--cf", help="a CF result JSON (forensics cf --json) to use as the prior")
+    c.set_defaults(func=cmd_cca)
+
+
+def _load_cf(args, bundle, handle):
+    """The CF prior: ``--cf FILE``, else ``engine.cf.run_cf`` when that module exists, unless ``--no-cf``."""
+    from workbench.cli import CliError
+
+    if args.no_cf:
+        return None, "off (--no-cf)"
+    try:
+        import engine.cf as cfmod
+    except ModuleNotFoundError as exc:
+        if exc.name != "engine.cf":
+            raise
+        if args.cf:
+            raise CliError("--cf needs the CF engine (engine/cf.py), which this version does not have") from None
+        return None, "unavailable (engine.cf not installed)"
+    if args.cf:
+        p = Path(args.cf)
+        if not p.is_file():
+            raise CliError(f"CF result file not found: {args.cf}")
+        try:
+            return cfmod.CFResult.from_dict(json.loads(p.read_text(encoding="utf-8"))), f"from {args.cf}"
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CliError(f"CF result file {args.cf} is not a CF result: {exc}") from None
+    return cfmod.run_cf(bundle, handle), "computed (engine.cf.run_cf)"
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def cmd_cca(args) -> int:
+    from engine.bundle import open_bundle
+    from engine.cca import run_cca
+    from engine.replay import load_bundle_model
+    from workbench.cli import CliError, _progress
+
+    if args.beam < 1:
+        raise CliError("--beam must be >= 1")
+    if args.max_size < 1:
+        raise CliError("--max-size must be >= 1")
+    if args.controls < 0:
+        raise CliError("--controls must be >= 0")
+    if not Path(args.bundle).is_file():
+        raise CliError(f"bundle not found: {args.bundle}")
+    with open_bundle(args.bundle) as bundle:
+        handle = load_bundle_model(bundle)
+        cf, cf_note = _load_cf(args, bundle, handle)
+        res = run_cca(bundle, handle, cf=cf, op=args.op, beam=args.beam, max_size=args.max_size,
+                      n_controls=args.controls, seed=args.seed, progress=_progress(args.json))
+    d = res.to_dict()
+    d["ranking"]["cf"] = cf_note
+    if args.out:
+        out = Path(args.out)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(d, indent=1), encoding="utf-8")
+        os.replace(tmp, out)
+    ok = res.flipped and not res.failed_criteria()
+    if args.json:
+        print(json.dumps(d))
+        return EXIT_OK if ok else EXIT_MISSED
+    print(f"CCA on {args.bundle} [{bundle.failure_spec}]  op={res.op}, ranking: {d['ranking'].get('method')}, "
+          f"CF prior: {cf_note}")
+    if not res.fix_set:
+        print("  no fix set found")
+    else:
+        verdict = "fixes the incident" if res.flipped else "does NOT fix the incident (best set found)"
+        print(f"  fix set ({res.set_size} intervention(s)) {verdict}: metric {res.baseline_metric:.3f} -> "
+              f"{res.fixed_metric:.3f}")
+        for e in res.fix_set:
+            print(f"    {e.intervention.describe():32s} alone {e.single_metric:9.3f}   without it {e.drop_one_metric:9.3f}"
+                  f" ({'necessary' if e.drop_one_failing else 'not necessary'})")
+        inc = res.evidence.get("incident", {})
+        if "fixed_output" in inc:
+            print(f"  output: {inc['baseline_output']!r} -> {inc['fixed_output']!r}")
+    lo, hi = res.flip_rate_ci
+    print(f"  flip rate on held-out variants: {_pct(d['flip_rate'])} of {res.n_variants} "
+          f"(Wilson 95% {_pct(d['flip_rate_ci'][0])}–{_pct(d['flip_rate_ci'][1])})")
+    print(f"  sufficiency (failing activations into benign counterparts): {_pct(d['sufficiency_rate'])} of "
+          f"{res.n_sufficiency}")
+    print(f"  side effects on held-out benign prompts: {_pct(d['side_effect_rate'])} of {res.n_benign} change, "
+          f"mean KL {res.side_effect_kl:.4g}")
+    print(f"  minimality: {res.set_size} element(s), {_pct(d['fraction_of_activations'])} of recorded activation "
+          f"values, 1-minimal: {'yes' if res.one_minimal else 'no'}")
+    print(f"  significance: p = {res.p_value:.4g} against {res.n_controls} random control sets; "
+          f"BH q: " + ", ".join(f"{k} {v:.3g}" for k, v in res.fdr.items()))
+    print(f"  budget: {res.forward_passes} forward passes ({res.rows} rows), {res.seconds:.1f} s; search alone "
+          f"{d['ranking'].get('search_passes', '?')} passes")
+    failed = res.failed_criteria()
+    if not failed:
+        print("  PASS: every criterion holds")
+    else:
+        for k in failed:
+            c = res.criteria[k]
+            print(f"  MISSED {k}: target {c['target']}; {c['detail']}")
+    if args.out:
+        print(f"  result written to {args.out}")
+    return EXIT_OK if ok else EXIT_MISSED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from workbench.cli import main
+
+    sys.exit(main(["cca", *sys.argv[1:]]))
