@@ -1,103 +1,400 @@
-"""``forensics-workbench``: the desktop application.
+"""``forensics-workbench``: the desktop application's main window.
 
-This first version opens a bundle (File ▸ Open, or a path on the command line) and shows the incident: prompt,
-output, failure spec, model identity, and the recorded layers and sites with their shapes. The analysis views
-(heatmaps, CF, CCA, intervention editing) grow here as the engine pieces land.
+Layout: the incident panel (prompt tokens with the failing span marked, output, failure spec and metric) is a dock
+at the top and always visible; the centre is a tab widget holding the views — the layer browser and the
+intervention editor (this package), and the CF / CCA / review views (``workbench/views/cf_view.py`` …), which are
+added with :meth:`MainWindow.add_view` as they exist.  All engine work runs on the one engine thread
+(:class:`workbench.worker.EngineRunner`), shared through :class:`workbench.session.Session`.
+
+Settings (``QSettings``, INI format, organisation "ModelForensics", application "Workbench"): window geometry and
+dock/toolbar state, the open tab, the recent-files list (10 entries).
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
-from PySide6.QtCore import Qt
+from PySide6.QtCore import QSettings, Qt, Slot
 from PySide6.QtGui import QAction, QKeySequence
-from PySide6.QtWidgets import (QApplication, QFileDialog, QLabel, QMainWindow, QMessageBox, QSplitter,
-                               QTreeWidget, QTreeWidgetItem, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QApplication, QDockWidget, QFileDialog, QMainWindow, QMenu, QMessageBox,
+                               QProgressBar, QTabWidget, QWidget)
 
-from engine.bundle import open_bundle
 from engine.errors import ForensicsError
+from workbench.session import Session
+from workbench.views.incident import IncidentPanel
+from workbench.worker import EngineRunner
+
+ORGANISATION = "ModelForensics"
+APPLICATION = "Workbench"
+MAX_RECENT = 10
+BUNDLE_FILTER = "Incident bundles (*.h5 *.hdf5);;All files (*)"
+
+
+def settings() -> QSettings:
+    """The application's settings store (INI format, user scope; tests point it at a temporary folder)."""
+    return QSettings(QSettings.Format.IniFormat, QSettings.Scope.UserScope, ORGANISATION, APPLICATION)
+
+
+def demo_cache_path() -> Path:
+    """Where Help ▸ Open demo records the demo incident when ``demo-out/demo-incident.h5`` does not exist."""
+    from PySide6.QtCore import QStandardPaths
+
+    base = QStandardPaths.writableLocation(QStandardPaths.StandardLocation.CacheLocation)
+    return Path(base or Path.home() / ".cache" / "forensics-workbench") / "demo-incident.h5"
+
+
+def _optional(module: str):
+    """Import ``module`` if it exists (GUI-B views land independently); re-raise any other import error."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name == module:
+            return None
+        raise
 
 
 class MainWindow(QMainWindow):
-    def __init__(self) -> None:
-        super().__init__()
+    """The workbench window.
+
+    Args:
+        session: the shared :class:`Session` (a new one with its own engine thread when omitted).
+    """
+
+    def __init__(self, session: Session | None = None, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.session = session if session is not None else Session(EngineRunner())
+        self.runner = self.session.runner
+        self.setObjectName("MainWindow")
         self.setWindowTitle("Model Forensics Workbench")
-        self.resize(1000, 640)
-        self.bundle = None
-        self.summary = QLabel("Open an incident bundle (File ▸ Open, Ctrl+O).")
-        self.summary.setWordWrap(True)
-        self.summary.setTextInteractionFlags(Qt.TextSelectableByMouse)
-        self.summary.setAlignment(Qt.AlignTop | Qt.AlignLeft)
-        self.tree = QTreeWidget()
-        self.tree.setHeaderLabels(["Layer / site", "Shape", "Module"])
-        splitter = QSplitter()
-        splitter.addWidget(self.tree)
-        right = QWidget()
-        lay = QVBoxLayout(right)
-        lay.addWidget(self.summary)
-        splitter.addWidget(right)
-        splitter.setSizes([420, 580])
-        self.setCentralWidget(splitter)
-        menu = self.menuBar().addMenu("&File")
-        act = QAction("&Open…", self)
-        act.setShortcut(QKeySequence.Open)
-        act.triggered.connect(self.choose_file)
-        menu.addAction(act)
-        quit_act = QAction("&Quit", self)
-        quit_act.setShortcut(QKeySequence.Quit)
-        quit_act.triggered.connect(self.close)
-        menu.addAction(quit_act)
+        self.setAcceptDrops(True)
+        self.resize(1400, 900)
+        self._views: dict[str, QWidget] = {}
+        self._closing = False
+
+        self.tabs = QTabWidget()
+        self.tabs.setObjectName("views")
+        self.tabs.setDocumentMode(True)
+        self.setCentralWidget(self.tabs)
+
+        self.incident = IncidentPanel(self.session)
+        dock = QDockWidget("Incident", self)
+        dock.setObjectName("incident-dock")
+        dock.setWidget(self.incident)
+        dock.setFeatures(QDockWidget.DockWidgetFeature.DockWidgetMovable |
+                         QDockWidget.DockWidgetFeature.DockWidgetFloatable)
+        self.addDockWidget(Qt.DockWidgetArea.TopDockWidgetArea, dock)
+        self.incident_dock = dock
+
+        self.progress = QProgressBar()
+        self.progress.setMaximumWidth(180)
+        self.progress.setRange(0, 0)
+        self.progress.setVisible(False)
+        self.statusBar().addPermanentWidget(self.progress)
         self.statusBar().showMessage("Ready")
 
+        self._build_menus()
+        self._build_views()
+
+        self.session.status.connect(self.show_status)
+        self.session.bundle_opened.connect(self.on_bundle_opened)
+        self.session.bundle_closed.connect(self.on_bundle_closed)
+        self.runner.busy_changed.connect(self.on_busy_changed)
+        self.runner.failed.connect(self.on_job_failed)
+        self.runner.finished.connect(self.on_job_finished)
+        self.runner.progress.connect(self.on_job_progress)
+        self._restore_settings()
+        self._update_actions()
+
+    # ------------------------------------------------------------------ construction
+    def _build_menus(self) -> None:
+        mb = self.menuBar()
+        m = mb.addMenu("&File")
+        self.act_open = self._action(m, "&Open…", self.choose_file, QKeySequence.StandardKey.Open)
+        self.recent_menu = QMenu("Open &Recent", self)
+        m.addMenu(self.recent_menu)
+        self.act_close = self._action(m, "&Close", self.close_bundle, QKeySequence.StandardKey.Close)
+        m.addSeparator()
+        self.act_export = self._action(m, "&Export certificate…", self.export_certificate, "Ctrl+E")
+        m.addSeparator()
+        self.act_quit = self._action(m, "&Quit", self.close, QKeySequence.StandardKey.Quit)
+        self.view_menu = mb.addMenu("&View")
+        self.analysis_menu = mb.addMenu("&Analysis")
+        self.act_run_cf = self._action(self.analysis_menu, "Run &CF", self.run_cf, "Ctrl+R")
+        self.act_run_cca = self._action(self.analysis_menu, "Run CC&A", self.run_cca, "Ctrl+Shift+R")
+        self.act_cancel = self._action(self.analysis_menu, "Ca&ncel running job", self.runner.cancel, "Esc")
+        h = mb.addMenu("&Help")
+        self.act_demo = self._action(h, "Open &demo incident", self.open_demo, "F1")
+        self._action(h, "&About", self.about)
+
+    def _action(self, menu: QMenu, text: str, slot, shortcut=None) -> QAction:
+        act = QAction(text, self)
+        if shortcut is not None:
+            act.setShortcut(QKeySequence(shortcut))
+        act.triggered.connect(slot)
+        menu.addAction(act)
+        return act
+
+    def _build_views(self) -> None:
+        browser = _optional("workbench.views.browser")
+        if browser is not None:
+            self.browser = browser.BrowserView(self.session, self.runner)
+            self.add_view("Browser", self.browser, "Ctrl+1")
+        editor = _optional("workbench.views.editor")
+        if editor is not None:
+            self.editor = editor.EditorView(self.session, self.runner)
+            self.add_view("Interventions", self.editor, "Ctrl+2")
+            if browser is not None:
+                self.browser.intervention_requested.connect(self.editor.add_from_request)
+        for module, cls, title, key in (("workbench.views.cf_view", "CFView", "CF", "Ctrl+3"),
+                                        ("workbench.views.cca_view", "CCAView", "CCA", "Ctrl+4"),
+                                        ("workbench.views.review_view", "ReviewView", "Review", "Ctrl+5")):
+            mod = _optional(module)
+            if mod is not None and hasattr(mod, cls):
+                self.add_view(title, getattr(mod, cls)(self.session, self.runner), key)
+
+    def add_view(self, title: str, widget: QWidget, shortcut: str | None = None) -> QWidget:
+        """Host a view in a tab; View menu entry (with ``shortcut``) switches to it."""
+        self.tabs.addTab(widget, title)
+        self._views[title] = widget
+        act = QAction(title, self)
+        if shortcut:
+            act.setShortcut(QKeySequence(shortcut))
+        act.triggered.connect(self._show_view_from_action)
+        act.setData(title)
+        self.view_menu.addAction(act)
+        return widget
+
+    def view(self, title: str) -> QWidget | None:
+        return self._views.get(title)
+
+    def show_view(self, title: str) -> None:
+        w = self._views.get(title)
+        if w is not None:
+            self.tabs.setCurrentWidget(w)
+
+    @Slot()
+    def _show_view_from_action(self) -> None:
+        act = self.sender()
+        if isinstance(act, QAction):
+            self.show_view(act.data())
+
+    # ------------------------------------------------------------------ opening
+    @Slot()
     def choose_file(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Open incident bundle", "", "Incident bundles (*.h5 *.hdf5)")
+        start = str(self.session.path.parent) if self.session.path else ""
+        path, _ = QFileDialog.getOpenFileName(self, "Open incident bundle", start, BUNDLE_FILTER)
         if path:
             self.open_path(path)
 
     def open_path(self, path: str | Path) -> bool:
+        """Open a bundle; on a bad file show the engine's one-line error and keep the previous bundle."""
+        path = Path(path)
         try:
-            bundle = open_bundle(path)
+            self.session.open(path)
         except ForensicsError as exc:
-            QMessageBox.critical(self, "Cannot open bundle", str(exc))
-            self.statusBar().showMessage(f"Could not open {path}")
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self.show_status(f"Could not open {path.name}: {msg}")
+            QMessageBox.critical(self, "Cannot open bundle", f"{path}\n\n{msg}")
             return False
-        if self.bundle is not None:
-            self.bundle.close()
-        self.bundle = bundle
-        b = bundle
-        self.setWindowTitle(f"{Path(path).name} — Model Forensics Workbench")
-        verdict = "FAILS" if b.failing else "does not fail"
-        self.summary.setText(
-            f"<b>Prompt</b><br>{_esc(b.prompt)}<br><br><b>Output</b><br>{_esc(b.continuation_text)}<br><br>"
-            f"<b>Failure</b> {_esc(b.failure_spec)}: the recorded run {verdict} (metric {b.failure_metric:.4g})<br>"
-            f"<b>Model</b> {_esc(b.model_info['class_name'])} ({_esc(b.model_info['family'])}), "
-            f"{b.n_layers} layers × {b.model_info['d_model']} wide; weights sha256 "
-            f"{b.model_info['weights_sha256'][:16]}…<br><b>Bundle</b> {b.uuid}, created {b.created}")
-        self.tree.clear()
-        for i in range(b.n_layers):
-            layer = QTreeWidgetItem([f"layer {i}", "", ""])
-            for site in b.sites:
-                ds = b.activation_dataset(i, site)
-                layer.addChild(QTreeWidgetItem([site, " × ".join(map(str, ds.shape)), ""]))
-            self.tree.addTopLevelItem(layer)
-        self.statusBar().showMessage(f"Opened {path}")
+        except OSError as exc:
+            msg = f"{type(exc).__name__}: {exc}"
+            self.show_status(f"Could not open {path.name}: {msg}")
+            QMessageBox.critical(self, "Cannot open bundle", f"{path}\n\n{msg}")
+            return False
+        self._add_recent(path)
         return True
 
+    @Slot()
+    def close_bundle(self) -> None:
+        self.session.close()
+
+    @Slot()
+    def open_demo(self) -> None:
+        """Open ``demo-out/demo-incident.h5`` or the cached demo; record it on the engine thread when missing."""
+        for candidate in (Path("demo-out") / "demo-incident.h5", demo_cache_path()):
+            if candidate.is_file():
+                self.open_path(candidate)
+                return
+        target = demo_cache_path()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self._demo_target = target
+        self.show_status("Recording the demo incident (gpt2-prompt-injection)…")
+
+        def job(emit, cancel):
+            import scenarios
+            from workbench.cli import build_scenario_bundle
+
+            tmp = target.with_suffix(".h5.part")
+            build_scenario_bundle(scenarios.get("gpt2-prompt-injection"), tmp,
+                                  progress=lambda i, n, what: emit({"done": i, "total": n, "what": what}))
+            tmp.replace(target)
+            return str(target)
+
+        self.runner.submit("demo", job)
+
+    # ------------------------------------------------------------------ recent files
+    def recent_files(self) -> list[str]:
+        value = settings().value("recent", [])
+        if isinstance(value, str):
+            value = [value]
+        return [str(v) for v in (value or [])]
+
+    def _add_recent(self, path: Path) -> None:
+        p = str(path.resolve())
+        recent = [r for r in self.recent_files() if r != p]
+        recent.insert(0, p)
+        settings().setValue("recent", recent[:MAX_RECENT])
+        self._refresh_recent_menu()
+
+    def _refresh_recent_menu(self) -> None:
+        self.recent_menu.clear()
+        recent = self.recent_files()
+        for i, p in enumerate(recent):
+            act = QAction(f"&{i + 1} {Path(p).name}", self)
+            act.setToolTip(p)
+            act.setData(p)
+            act.triggered.connect(self._open_recent_from_action)
+            self.recent_menu.addAction(act)
+        self.recent_menu.setEnabled(bool(recent))
+
+    @Slot()
+    def _open_recent_from_action(self) -> None:
+        act = self.sender()
+        if isinstance(act, QAction):
+            self.open_path(act.data())
+
+    # ------------------------------------------------------------------ analysis delegation
+    @Slot()
+    def run_cf(self) -> None:
+        v = self._views.get("CF")
+        if v is None or not hasattr(v, "run"):
+            self.show_status("The CF view is not available in this build")
+            return
+        self.show_view("CF")
+        v.run()
+
+    @Slot()
+    def run_cca(self) -> None:
+        v = self._views.get("CCA")
+        if v is None or not hasattr(v, "run"):
+            self.show_status("The CCA view is not available in this build")
+            return
+        self.show_view("CCA")
+        v.run()
+
+    @Slot()
+    def export_certificate(self) -> None:
+        mod = _optional("workbench.views.export")
+        if mod is None or not hasattr(mod, "export_certificate"):
+            QMessageBox.information(self, "Export certificate", "Certificate export is not available in this build.")
+            return
+        mod.export_certificate(self, self.session, self.runner)
+
+    @Slot()
+    def about(self) -> None:
+        QMessageBox.about(self, "About Model Forensics Workbench",
+                          "Model Forensics Workbench — root-cause analysis of language-model failures.\n"
+                          "Open an incident bundle, browse its activations, run CF and CCA, edit interventions.")
+
+    # ------------------------------------------------------------------ slots
+    @Slot(str)
+    def show_status(self, message: str) -> None:
+        self.statusBar().showMessage(message, 15_000)
+
+    @Slot(object)
+    def on_bundle_opened(self, bundle) -> None:
+        name = self.session.path.name if self.session.path else "bundle"
+        self.setWindowTitle(f"{name} — Model Forensics Workbench")
+        self._update_actions()
+
+    @Slot()
+    def on_bundle_closed(self) -> None:
+        self.setWindowTitle("Model Forensics Workbench")
+        self._update_actions()
+
+    @Slot(bool)
+    def on_busy_changed(self, busy: bool) -> None:
+        self.progress.setVisible(busy)
+        self.act_cancel.setEnabled(busy)
+
+    @Slot(str, object)
+    def on_job_progress(self, name: str, data) -> None:
+        if name == "demo" and isinstance(data, dict):
+            self.show_status(f"Recording the demo incident: {data.get('what', '')} "
+                             f"({data.get('done', 0)}/{data.get('total', 0)})")
+
+    @Slot(str, object)
+    def on_job_finished(self, name: str, result) -> None:
+        if name == "demo" and not self._closing:
+            self.open_path(result)
+
+    @Slot(str, str)
+    def on_job_failed(self, name: str, message: str) -> None:
+        self.show_status(f"{name} failed: {message}")
+        if name == "demo" and not self._closing:
+            QMessageBox.critical(self, "Open demo", f"Recording the demo incident failed:\n\n{message}")
+
+    def _update_actions(self) -> None:
+        has = self.session.bundle is not None
+        for act in (self.act_close, self.act_export, self.act_run_cf, self.act_run_cca):
+            act.setEnabled(has)
+        self.act_cancel.setEnabled(self.runner.busy)
+        self._refresh_recent_menu()
+
+    # ------------------------------------------------------------------ drag and drop
+    def dragEnterEvent(self, event) -> None:
+        if any(u.isLocalFile() and u.toLocalFile().lower().endswith((".h5", ".hdf5"))
+               for u in event.mimeData().urls()):
+            event.acceptProposedAction()
+
+    def dropEvent(self, event) -> None:
+        for u in event.mimeData().urls():
+            if u.isLocalFile() and u.toLocalFile().lower().endswith((".h5", ".hdf5")):
+                event.acceptProposedAction()
+                self.open_path(u.toLocalFile())
+                return
+
+    # ------------------------------------------------------------------ settings and shutdown
+    def _restore_settings(self) -> None:
+        s = settings()
+        geo = s.value("window/geometry")
+        if geo is not None:
+            self.restoreGeometry(geo)
+        state = s.value("window/state")
+        if state is not None:
+            self.restoreState(state)
+        tab = s.value("window/tab")
+        if tab:
+            self.show_view(str(tab))
+
+    def save_settings(self) -> None:
+        s = settings()
+        s.setValue("window/geometry", self.saveGeometry())
+        s.setValue("window/state", self.saveState())
+        s.setValue("window/tab", self.tabs.tabText(self.tabs.currentIndex()))
+        s.sync()
+
     def closeEvent(self, event) -> None:
-        if self.bundle is not None:
-            self.bundle.close()
-            self.bundle = None
+        """Save settings, cancel running jobs, stop the engine thread (waits for the current forward pass)."""
+        self._closing = True
+        self.save_settings()
+        for w in self._views.values():
+            stop = getattr(w, "shutdown", None)
+            if callable(stop):
+                stop()
+        self.runner.shutdown(30_000)
+        self.session.close()
         super().closeEvent(event)
 
 
-def _esc(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``forensics-workbench [BUNDLE]``."""
     argv = list(sys.argv if argv is None else argv)
     app = QApplication.instance() or QApplication(argv)
+    app.setOrganizationName(ORGANISATION)
+    app.setApplicationName(APPLICATION)
     win = MainWindow()
     win.show()
     if len(argv) > 1:

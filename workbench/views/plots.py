@@ -137,7 +137,9 @@ class AnomalyBarPlot(pg.PlotWidget):
             color = site_color(site, self._sites.index(site))
             pens = [pg.mkPen((20, 20, 20), width=2) if getattr(v, "flagged", False) else pg.mkPen(None)
                     for _, v in rows]
-            bar.setOpts(x=xs, height=hs, width=self.bar_width, brush=pg.mkBrush(*color), pens=pens)
+            # pyqtgraph 0.14 fails on an empty ``pens`` list (UnboundLocalError): no rows -> the single-pen path
+            bar.setOpts(x=xs, height=hs, width=self.bar_width, brush=pg.mkBrush(*color), pen=None,
+                        pens=pens or None)
         if threshold is not None and math.isfinite(float(threshold)):
             self.threshold = float(threshold)
             self.threshold_line.setValue(self.threshold)
