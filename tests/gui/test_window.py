@@ -1,0 +1,138 @@
+"""Story 1 (open) and the window: File ▸ Open, bad files, recent files, drag and drop, settings, clean close."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from PySide6.QtCore import QMimeData, QPointF, Qt, QUrl
+from PySide6.QtGui import QDropEvent
+from PySide6.QtWidgets import QMessageBox
+
+
+@pytest.fixture
+def boxes(monkeypatch):
+    """Capture QMessageBox.critical/information instead of showing modal dialogs."""
+    seen: list[tuple[str, str]] = []
+
+    def fake(parent, title, text, *a, **k):
+        seen.append((title, text))
+        return QMessageBox.StandardButton.Ok
+
+    monkeypatch.setattr(QMessageBox, "critical", fake)
+    monkeypatch.setattr(QMessageBox, "information", fake)
+    monkeypatch.setattr(QMessageBox, "warning", fake)
+    return seen
+
+
+def test_open_shows_incident_and_title(window, demo_bundle):
+    assert window.session.bundle is not None
+    assert demo_bundle.name in window.windowTitle()
+    text = window.incident.plain_text()
+    b = window.session.bundle
+    assert "Prompt" in text and "Output" in text
+    assert b.failure_spec in text and "FAILS" in text
+    assert b.continuation_text.strip()[:20] in text
+    assert window.act_close.isEnabled() and window.act_run_cf.isEnabled()
+
+
+def test_open_via_file_dialog_and_recent_files(qtbot, demo_bundle, monkeypatch, boxes):
+    from PySide6.QtWidgets import QFileDialog
+
+    from workbench.app import MainWindow
+
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: (str(demo_bundle), ""))
+    win = MainWindow()
+    qtbot.addWidget(win)
+    assert win.session.bundle is None and not win.act_close.isEnabled()
+    win.act_open.trigger()
+    assert win.session.bundle is not None
+    assert win.recent_files()[0] == str(demo_bundle.resolve())
+    assert [a.data() for a in win.recent_menu.actions()] == [str(demo_bundle.resolve())]
+    win.close()
+    # a new window (new process in real life) sees the persisted list and can re-open from it
+    win2 = MainWindow()
+    qtbot.addWidget(win2)
+    acts = win2.recent_menu.actions()
+    assert acts and acts[0].data() == str(demo_bundle.resolve())
+    acts[0].trigger()
+    assert win2.session.path == Path(str(demo_bundle.resolve()))
+    win2.close()
+
+
+def test_bad_file_shows_dialog_and_keeps_previous(window, tmp_path, boxes, demo_bundle):
+    bad = tmp_path / "broken.h5"
+    bad.write_bytes(b"this is not an HDF5 file at all")
+    assert not window.open_path(bad)
+    assert len(boxes) == 1
+    title, text = boxes[0]
+    assert title == "Cannot open bundle" and "broken.h5" in text
+    assert len(text.split("\n\n", 1)[1].splitlines()) == 1      # the engine's one-line reason
+    assert window.session.bundle is not None and window.session.path == Path(demo_bundle)
+    assert "Could not open broken.h5" in window.statusBar().currentMessage()
+    missing = tmp_path / "nope.h5"
+    assert not window.open_path(missing)
+    assert len(boxes) == 2 and "nope.h5" in boxes[1][1]
+
+
+def test_drop_h5_opens_it(qtbot, demo_bundle, boxes):
+    from workbench.app import MainWindow
+
+    win = MainWindow()
+    qtbot.addWidget(win)
+    mime = QMimeData()
+    mime.setUrls([QUrl.fromLocalFile(str(demo_bundle))])
+    ev = QDropEvent(QPointF(10, 10), Qt.DropAction.CopyAction, mime, Qt.MouseButton.NoButton,
+                    Qt.KeyboardModifier.NoModifier)
+    win.dropEvent(ev)
+    assert win.session.bundle is not None and win.session.path == Path(demo_bundle)
+    win.close()
+
+
+def test_geometry_and_tab_persist(qtbot, demo_bundle):
+    from workbench.app import MainWindow
+
+    win = MainWindow()
+    qtbot.addWidget(win)
+    win.resize(701, 503)  # inside the offscreen screen (800 x 600): restoreGeometry clamps to it
+    win.show()
+    qtbot.waitExposed(win)
+    if win.tabs.count() > 1:
+        win.tabs.setCurrentIndex(1)
+    tab = win.tabs.tabText(win.tabs.currentIndex())
+    size = (win.width(), win.height())   # the minimum size hint of the views may enlarge the requested size
+    assert size[0] == 701
+    win.close()
+    win2 = MainWindow()
+    qtbot.addWidget(win2)
+    assert (win2.width(), win2.height()) == size
+    assert win2.tabs.tabText(win2.tabs.currentIndex()) == tab
+    win2.close()
+
+
+def test_close_during_running_job_exits_cleanly(qtbot, demo_bundle):
+    """A long engine job is running when the window closes: the job is cancelled, the thread stops."""
+    from workbench.app import MainWindow
+
+    win = MainWindow()
+    qtbot.addWidget(win)
+    win.show()
+    assert win.open_path(demo_bundle)
+    started = []
+
+    def job(emit, cancel):
+        started.append(True)
+        t0 = time.monotonic()
+        while not cancel.is_set() and time.monotonic() - t0 < 30:
+            time.sleep(0.01)
+        return "cancelled" if cancel.is_set() else "ran out"
+
+    win.runner.submit("long", job)
+    qtbot.waitUntil(lambda: bool(started), timeout=5000)
+    t0 = time.monotonic()
+    win.close()
+    assert time.monotonic() - t0 < 5
+    assert not win.runner._thread.isRunning()
+    assert win.session.bundle is None
