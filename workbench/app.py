@@ -141,6 +141,7 @@ class MainWindow(QMainWindow):
         if browser is not None:
             self.browser = browser.BrowserView(self.session, self.runner)
             self.add_view("Browser", self.browser, "Ctrl+1")
+            self.session.site_requested.connect(self._show_browser)
         editor = _optional("workbench.views.editor")
         if editor is not None:
             self.editor = editor.EditorView(self.session, self.runner)
@@ -173,6 +174,11 @@ class MainWindow(QMainWindow):
         w = self._views.get(title)
         if w is not None:
             self.tabs.setCurrentWidget(w)
+
+    @Slot(int, str)
+    def _show_browser(self, _layer: int, _site: str) -> None:
+        """A view asked to show a site (CF bar click): the browser selects it; bring its tab to the front."""
+        self.show_view("Browser")
 
     @Slot()
     def _show_view_from_action(self) -> None:
