@@ -9,7 +9,7 @@ export QT_QPA_PLATFORM ?= offscreen
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test setup sysdeps benchmarks docs clean
+.PHONY: demo test setup sysdeps benchmarks docs screenshots clean
 
 demo: setup
 	$(BIN)/forensics demo --out demo-out
@@ -49,6 +49,10 @@ benchmarks: setup
 # Regenerate the measured documents (scenario rates) from the shipped models.
 docs: setup
 	$(BIN)/python scripts/scenarios_doc.py
+
+# Screenshots of every view of the real app on the demo incident, under a virtual X server.
+screenshots: setup
+	QT_QPA_PLATFORM=xcb xvfb-run -a -s "-screen 0 1600x1000x24" $(BIN)/python scripts/screenshots.py --out docs/screenshots
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
