@@ -195,7 +195,69 @@ def verdict_sentence(doc: Mapping) -> str:
         sentence += f" NOT MET: {len(failed)} of {len(crit)} acceptance criteria: {names}."
     elif crit:
         sentence += f" All {len(crit)} acceptance criteria are met."
-    return prefix + sentence
+    return prefix + sentence + _verdict_caveats(doc)
+
+
+def _verdict_caveats(doc: Mapping) -> str:
+    """What the verdict must add about the replay and the analyst's review (empty when there is nothing to add)."""
+    out = ""
+    rep = doc.get("replay") or {}
+    if rep.get("verified") and not rep.get("bit_identical"):
+        bad = [c.get("name", "?") for c in rep.get("checks", []) if not c.get("ok")]
+        out += (" WARNING: the incident did NOT replay bit-identically" + (f" ({', '.join(bad[:4])})" if bad else "")
+                + ", so the evidence may not describe the recorded run.")
+    elif rep and not rep.get("verified"):
+        out += " The replay of the incident was not verified for this certificate."
+    an = doc.get("analyst") or {}
+    rejected = [d for d in an.get("decisions", []) if d.get("decision") == "rejected"]
+    n = len((doc.get("cca") or {}).get("fix_set") or [])
+    if rejected:
+        out += (f" The analyst REJECTED {len(rejected)} of {n} element{'s' if n != 1 else ''} of this set ("
+                + "; ".join(d.get("site", f"#{d['element']}") for d in rejected) + ").")
+    removed = an.get("removed") or []
+    if removed:
+        out += (f" The analyst removed {len(removed)} element{'s' if len(removed) != 1 else ''} ("
+                + "; ".join(r.get("site", "?") for r in removed) + ") before this evidence was measured.")
+    return out
+
+
+def certificate_status(doc: Mapping) -> dict:
+    """The certificate's standing in one word and one headline, from its numbers.
+
+    Returns:
+        ``{"level": "certified" | "qualified" | "not-certified", "headline": str, "reasons": [str, ...]}``:
+        *certified* = the set removes the failure, every acceptance criterion holds, the replay was verified
+        bit-identical and the analyst rejected nothing; *qualified* = the set removes the failure but a criterion
+        is missed, the replay was not verified or the analyst rejected an element; *not-certified* = the set does
+        not remove the failure, the result is partial, or the replay differs.
+    """
+    cca = doc["cca"]
+    rep = doc.get("replay") or {}
+    crit = cca.get("criteria") or {}
+    missed = [k for k, c in crit.items() if not c.get("ok")]
+    rejected = [d for d in (doc.get("analyst") or {}).get("decisions", []) if d.get("decision") == "rejected"]
+    reasons: list[str] = []
+    if cca.get("partial"):
+        reasons.append("the analysis was cancelled or ran out of budget (partial result)")
+    if not cca.get("flipped"):
+        reasons.append("the fix set does not remove the failure on the incident")
+    if rep.get("verified") and not rep.get("bit_identical"):
+        reasons.append("the incident does not replay bit-identically")
+    if reasons:
+        return {"level": "not-certified", "headline": "NOT CERTIFIED: " + reasons[0], "reasons": reasons}
+    if missed:
+        reasons.append(f"{len(missed)} of {len(crit)} acceptance criteria not met: "
+                       + ", ".join(k.replace("_", " ") for k in missed))
+    if not rep.get("verified"):
+        reasons.append("the replay was not verified")
+    if rejected:
+        reasons.append(f"the analyst rejected {len(rejected)} element(s) of the set")
+    if reasons:
+        return {"level": "qualified", "headline": "FIX FOUND, QUALIFIED: " + "; ".join(reasons), "reasons": reasons}
+    head = "ROOT CAUSE CERTIFIED: the fix removes the failure"
+    head += f", all {len(crit)} acceptance criteria met" if crit else ""
+    head += ", replay bit-identical"
+    return {"level": "certified", "headline": head, "reasons": []}
 
 
 def _fmt(x) -> str:
@@ -243,21 +305,79 @@ def _q(p) -> str:
     return shlex.quote(str(p))
 
 
+_IV_KEYS = ("layer", "component", "positions", "op", "indices", "value", "values")
+
+
+def _element_key(e: Mapping) -> tuple:
+    """Identity of a fix-set element (its intervention part): layer, component, positions, op, indices, value."""
+    pos = e.get("positions", "all")
+    pos = "all" if pos == "all" else tuple(int(p) for p in (pos or ()))
+    value = e.get("value")
+    return (int(e.get("layer", -1)), str(e.get("component", "")), pos, str(e.get("op", "")),
+            tuple(int(i) for i in (e.get("indices") or ())), None if value is None else float(value))
+
+
+def _intervention_part(e: Mapping) -> dict:
+    out = {k: e[k] for k in _IV_KEYS if k in e and e[k] is not None}
+    if isinstance(out.get("positions"), tuple):
+        out["positions"] = list(out["positions"])
+    out.setdefault("positions", "all")
+    return out
+
+
 def _analyst(analyst: Mapping | None, fix: list[dict]) -> dict:
-    """Normalise the GUI's analyst record into ``{"name", "note", "decisions": [...]}`` (see the format doc)."""
-    out = {"name": "", "note": "", "decisions": []}
+    """Normalise an analyst record into ``{"name", "note", "decisions": [...], "removed": [...]}``.
+
+    Accepted forms (see ``docs/certificate-format.md``):
+
+    * ``{"decisions": [{"element": i, "decision": "accepted"|"rejected", "note": ...}]}``;
+    * ``{"accepted": [...], "rejected": [...], "notes": {i: text}}`` where each entry is an element index **or** an
+      element dict (``FixElement.to_dict()``, what the GUI's review view stores in ``session.analyst``). An element
+      dict is matched to the fix set by its intervention (layer, component, positions, op, indices, value); a
+      *rejected* element that is not in the certified fix set (the analyst removed it and re-measured the rest) goes
+      to ``removed``.
+    """
+    out: dict = {"name": "", "note": "", "decisions": [], "removed": []}
     if not analyst:
         return out
+    if not isinstance(analyst, Mapping):
+        raise CertificateError(f"analyst must be a JSON object, got {type(analyst).__name__}")
     out["name"] = str(analyst.get("name", "") or "")
     out["note"] = str(analyst.get("note", "") or "")
-    decisions: dict[int, dict] = {}
-    for d in analyst.get("decisions", []) or []:
-        k = int(d["element"])
-        decisions[k] = {"element": k, "decision": str(d.get("decision", "")), "note": str(d.get("note", "") or "")}
+    index = {_element_key(e): i for i, e in enumerate(fix)}
     notes = analyst.get("notes") if isinstance(analyst.get("notes"), Mapping) else {}
+    decisions: dict[int, dict] = {}
+    removed: list[dict] = []
+
+    def element_index(item, verdict: str) -> int | None:
+        if isinstance(item, bool):
+            raise CertificateError(f"analyst {verdict} entry must be an element index or an element, got {item!r}")
+        if isinstance(item, int) or (isinstance(item, str) and item.strip().isdigit()):
+            return int(item)
+        if isinstance(item, Mapping):
+            try:
+                return index.get(_element_key(item))
+            except (TypeError, ValueError):
+                raise CertificateError(f"analyst {verdict} element is malformed: {dict(item)!r}") from None
+        raise CertificateError(f"analyst {verdict} entry must be an element index or an element, got {item!r}")
+
+    for d in analyst.get("decisions", []) or []:
+        try:
+            k = int(d["element"])
+        except (KeyError, TypeError, ValueError):
+            raise CertificateError(f"analyst decision {d!r} needs an integer 'element'") from None
+        decisions[k] = {"element": k, "decision": str(d.get("decision", "")), "note": str(d.get("note", "") or "")}
     for verdict in ("accepted", "rejected"):
-        for k in analyst.get(verdict, []) or []:
-            k = int(k)
+        for item in analyst.get(verdict, []) or []:
+            k = element_index(item, verdict)
+            if k is None:
+                if verdict == "accepted":
+                    raise CertificateError("analyst accepted an element that is not in the certified fix set: "
+                                           + describe_element(item))
+                iv = _intervention_part(item)
+                removed.append({"site": describe_element(iv), "intervention": iv,
+                                "note": str(item.get("note", "") or "")})
+                continue
             decisions[k] = {"element": k, "decision": verdict,
                             "note": str(notes.get(k, notes.get(str(k), "")) or "")}
     for k, d in sorted(decisions.items()):
@@ -268,6 +388,7 @@ def _analyst(analyst: Mapping | None, fix: list[dict]) -> dict:
             raise CertificateError(f"analyst decision names element {k}, but the fix set has {len(fix)}")
         d["site"] = describe_element(fix[k])
         out["decisions"].append(d)
+    out["removed"] = removed
     return out
 
 
@@ -316,6 +437,11 @@ def build_certificate(bundle_path: str | os.PathLike, *, cca: Any, cf: Any = Non
                                    f"{cca_d['bundle_sha256'][:12]}… vs {sha[:12]}… of {path.name})")
         if cf_d and cf_d.get("weights_sha256") and cf_d["weights_sha256"] != b.model_info["weights_sha256"]:
             raise CertificateError("cf: result was computed on another model (weights sha256 differs)")
+        if cf_d and cf_d.get("bundle_uuid") and cf_d["bundle_uuid"] != b.uuid:
+            raise CertificateError(f"cf: result is for bundle {cf_d['bundle_uuid']}, not {b.uuid} ({path.name})")
+        if cf_d is not None and _finite(cf_d.get("threshold")) is None:
+            raise CertificateError("cf: the CF result has no threshold (it was cancelled before calibration); "
+                                   "run CF to completion")
         incident = {
             "bundle_file": path.name, "bundle_uuid": b.uuid, "bundle_sha256": sha, "bundle_bytes": path.stat().st_size,
             "bundle_created": b.created, "bundle_program": b.program, "scenario": b.scenario or "",
@@ -429,8 +555,13 @@ def validate_certificate(doc: Any) -> None:
         raise CertificateError("cca.bundle_uuid: differs from incident.bundle_uuid")
 
 
-def load_certificate(path: str | os.PathLike) -> dict:
-    """Read and validate a certificate JSON file."""
+def read_certificate_json(path: str | os.PathLike) -> dict:
+    """Read a certificate JSON file without validating it (:func:`verify_certificate` reports a schema failure as
+    a failed claim).
+
+    Raises:
+        CertificateError: the file is missing, not UTF-8 JSON, or not a JSON object.
+    """
     p = Path(path)
     if not p.is_file():
         raise CertificateError(f"certificate not found: {path}")
@@ -438,6 +569,14 @@ def load_certificate(path: str | os.PathLike) -> dict:
         doc = json.loads(p.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise CertificateError(f"{p.name} is not a JSON certificate: {str(exc)[:120]}") from None
+    if not isinstance(doc, dict):
+        raise CertificateError(f"{p.name} is not a certificate: a JSON object is expected, got {type(doc).__name__}")
+    return doc
+
+
+def load_certificate(path: str | os.PathLike) -> dict:
+    """Read and validate a certificate JSON file."""
+    doc = read_certificate_json(path)
     validate_certificate(doc)
     return doc
 
@@ -524,12 +663,7 @@ def verify_certificate(cert: Mapping | str | os.PathLike, bundle_path: str | os.
         if progress:
             progress(k, total, what)
 
-    if not isinstance(cert, Mapping):
-        doc = json.loads(Path(cert).read_text(encoding="utf-8")) if Path(cert).is_file() else None
-        if doc is None:
-            raise CertificateError(f"certificate not found: {cert}")
-    else:
-        doc = dict(cert)
+    doc = dict(cert) if isinstance(cert, Mapping) else read_certificate_json(cert)
     path = Path(bundle_path)
     if not path.is_file():
         raise CertificateError(f"bundle not found: {bundle_path}")
@@ -598,15 +732,23 @@ def verify_certificate(cert: Mapping | str | os.PathLike, bundle_path: str | os.
         claims.append(Claim("tokenizer hash", tsha == tok, f"{_short(tsha)} matches" if tsha == tok else
                             f"tokenizer hashes to {_short(tsha)}, certified {_short(tok)}"))
         step(2, "replaying the incident bit for bit")
-        rep = replay(b, handle=handle)
-        claims.append(Claim("replay", rep.bit_identical, "bit-identical (" + ", ".join(c.name for c in rep.checks) +
-                            ")" if rep.bit_identical else
-                            "; ".join(f"{c.name}: {c.detail}" for c in rep.failed)[:600]))
+        try:
+            rep = replay(b, handle=handle)
+        except ForensicsError as exc:  # a bundle damaged where replay reads it: the claim fails, the rest goes on
+            claims.append(Claim("replay", False, f"replay failed: {exc}"[:600]))
+        else:
+            claims.append(Claim("replay", rep.bit_identical, "bit-identical (" + ", ".join(c.name for c in rep.checks)
+                                + ")" if rep.bit_identical else
+                                "; ".join(f"{c.name}: {c.detail}" for c in rep.failed)[:600]))
         if cancel is not None and cancel.is_set():
             report.partial = True
             return report
         step(3, "re-evaluating the fix set")
-        _verify_fix(doc, b, handle, claims, n_controls=n_controls, progress=progress, cancel=cancel, report=report)
+        try:
+            _verify_fix(doc, b, handle, claims, n_controls=n_controls, progress=progress, cancel=cancel,
+                        report=report)
+        except ForensicsError as exc:
+            claims.append(Claim("fix: re-evaluation", False, f"the fix set could not be re-evaluated: {exc}"[:600]))
     step(5, "verified" if report.ok else "verification failed")
     report.seconds = time.perf_counter() - t0
     return report
@@ -680,6 +822,6 @@ def _verify_fix(doc, b, handle, claims: list[Claim], *, n_controls, progress, ca
                             f" from {cca['n_controls']}; same conclusion at alpha {SIGNIFICANCE})"))
 
 
-__all__ = ["CERT_SCHEMA", "Claim", "VerifyReport", "build_certificate", "certificate_schema", "describe_element",
-           "file_sha256", "load_certificate", "reproduction_commands", "validate_certificate", "verdict_sentence",
-           "verify_certificate", "write_certificate"]
+__all__ = ["CERT_SCHEMA", "Claim", "VerifyReport", "build_certificate", "certificate_schema", "certificate_status",
+           "describe_element", "file_sha256", "load_certificate", "read_certificate_json", "reproduction_commands",
+           "validate_certificate", "verdict_sentence", "verify_certificate", "write_certificate"]

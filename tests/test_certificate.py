@@ -1,5 +1,8 @@
-"""RCA certificate: JSON built from real CCA evidence on the demo bundle, schema validation, verification against an
-intact and an altered bundle, the PDF (text via pdftotext, page count) and the CLI."""
+"""RCA certificate data: JSON built from real CCA evidence on the demo bundle, schema validation, the analyst's
+decisions as the GUI records them, verification against an intact and an altered bundle.
+
+The PDF is tested in ``test_certificate_pdf.py``, the CLI in ``test_cli_certify.py``, the GUI export in
+``gui/test_export.py``; they share the evidence computed here (:func:`demo_evidence`)."""
 
 from __future__ import annotations
 
@@ -21,31 +24,58 @@ N_CONTROLS = 10
 FIX = ({"layer": 0, "component": "attn", "positions": [15], "op": "mean"},)
 
 
+_MEMO: dict = {}
+
+
+def demo_evidence(demo_bundle) -> tuple:
+    """``(handle, cca_result, replay_report)`` for the demo bundle, computed once per test session and shared by
+    the certificate test modules (``test_certificate_pdf``, ``test_cli_certify``, ``gui/test_export``), which
+    import this function: a fixture imported into another module would be computed again there.
+
+    ``cca_result`` is all the CCA evidence for a one-element fix set (mean-ablate the attention output at the last
+    prompt token) with ``N_CONTROLS`` random control sets.
+    """
+    key = ("evidence", str(demo_bundle))
+    if key not in _MEMO:
+        from engine.bundle import open_bundle
+        from engine.cca import evaluate_fix_set
+        from engine.interventions import Intervention
+        from engine.replay import load_bundle_model, replay
+
+        with open_bundle(demo_bundle) as b:
+            handle = load_bundle_model(b)
+            res = evaluate_fix_set(b, handle, [Intervention.from_dict(d) for d in FIX], n_controls=N_CONTROLS)
+            rep = replay(b, handle=handle)
+        _MEMO[key] = (handle, res, rep)
+    return _MEMO[key]
+
+
+def demo_cf(demo_bundle):
+    """``engine.cf.run_cf`` on the demo bundle (once per session)."""
+    key = ("cf", str(demo_bundle))
+    if key not in _MEMO:
+        from engine.bundle import open_bundle
+        from engine.cf import run_cf
+
+        handle = demo_evidence(demo_bundle)[0]
+        with open_bundle(demo_bundle) as b:
+            _MEMO[key] = run_cf(b, handle)
+    return _MEMO[key]
+
+
 @pytest.fixture(scope="session")
 def demo_handle(demo_bundle):
-    from engine.bundle import open_bundle
-    from engine.replay import load_bundle_model
-
-    with open_bundle(demo_bundle) as b:
-        return load_bundle_model(b)
+    return demo_evidence(demo_bundle)[0]
 
 
 @pytest.fixture(scope="session")
-def cca_result(demo_bundle, demo_handle):
-    """All the CCA evidence for a one-element fix set (mean-ablate the attention output at the last prompt token)."""
-    from engine.bundle import open_bundle
-    from engine.cca import evaluate_fix_set
-    from engine.interventions import Intervention
-
-    with open_bundle(demo_bundle) as b:
-        return evaluate_fix_set(b, demo_handle, [Intervention.from_dict(d) for d in FIX], n_controls=N_CONTROLS)
+def cca_result(demo_bundle):
+    return demo_evidence(demo_bundle)[1]
 
 
 @pytest.fixture(scope="session")
-def replay_report(demo_bundle, demo_handle):
-    from engine.replay import replay
-
-    return replay(demo_bundle, handle=demo_handle)
+def replay_report(demo_bundle):
+    return demo_evidence(demo_bundle)[2]
 
 
 @pytest.fixture(scope="session")
@@ -144,3 +174,41 @@ def test_altered_attribute_fails_verification_naming_it(cert, demo_bundle, tmp_p
     failed = {c.name: c.detail for c in rep.failed}
     assert set(failed) == {"bundle sha256", "incident"}, failed
     assert "expected behaviour" in failed["incident"]
+
+
+def test_analyst_record_as_the_review_view_stores_it(demo_bundle, cca_result, replay_report):
+    """The review view stores element dicts (``FixElement.to_dict()``), not indices; an element the analyst rejected
+    and re-evaluated without is no longer in the set and is recorded as removed, and the verdict says so."""
+    from engine.certificate import certificate_status
+
+    kept = cca_result.fix_set[0].to_dict()
+    dropped = {"layer": 3, "component": "mlp", "positions": [2], "op": "mean", "indices": [], "value": None,
+               "drop_one_metric": None, "drop_one_failing": False, "single_metric": -0.1}
+    doc = build_certificate(demo_bundle, cca=cca_result, replay_report=replay_report,
+                            analyst={"accepted": [kept], "rejected": [dropped], "note": "L3 mlp does nothing"})
+    an = doc["analyst"]
+    assert an["decisions"] == [{"element": 0, "decision": "accepted", "note": "", "site": "attn L0 pos 15"}]
+    assert [r["site"] for r in an["removed"]] == ["MLP L3 pos 2"] and an["note"] == "L3 mlp does nothing"
+    assert an["removed"][0]["intervention"]["component"] == "mlp"
+    assert "The analyst removed 1 element (MLP L3 pos 2) before this evidence was measured." in doc["verdict"]
+    validate_certificate(doc)
+
+    rejected = build_certificate(demo_bundle, cca=cca_result, replay_report=replay_report,
+                                 analyst={"accepted": [], "rejected": [kept]})
+    assert "The analyst REJECTED 1 of 1 element of this set (attn L0 pos 15)." in rejected["verdict"]
+    st = certificate_status(rejected)
+    assert st["level"] == "qualified" and any("analyst rejected 1" in r for r in st["reasons"])
+    # 10 controls: the p-value criterion (>= 200 controls) is missed, so even the plain certificate is qualified
+    plain = certificate_status(doc)
+    assert plain["level"] == "qualified" and "p value" in plain["headline"]
+    with pytest.raises(CertificateError, match="not in the certified fix set"):
+        build_certificate(demo_bundle, cca=cca_result, analyst={"accepted": [dropped]})
+
+
+def test_certificate_without_replay_says_so(demo_bundle, cca_result):
+    from engine.certificate import certificate_status
+
+    doc = build_certificate(demo_bundle, cca=cca_result)
+    assert not doc["replay"]["verified"]
+    assert doc["verdict"].endswith("The replay of the incident was not verified for this certificate.")
+    assert "the replay was not verified" in certificate_status(doc)["reasons"]
