@@ -79,7 +79,7 @@ def test_selecting_a_site_shows_heatmap_ticks_and_norms(window, browser, qtbot):
         qtbot.mouseClick(browser.tree.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
     assert (browser.layer, browser.site) == (2, "mlp")
     full = b.activation(2, "mlp")
-    w = browser.window
+    w = browser.slice_info
     # the whole (small) site is in view: the image is the visible slice, cell for cell
     assert (w["p0"], w["p1"], w["d0"], w["d1"]) == (0, b.n_positions, 0, 256) and w["sp"] == w["sd"] == 1
     assert browser.image_data.shape == (b.n_positions, 256)
@@ -122,7 +122,7 @@ def test_only_the_visible_slice_is_read(window, browser, qtbot, reads):
     assert reads and all(n == name for n, _ in reads)
     for _, (ps, ds) in reads:
         assert 4 <= ps.start and ps.stop <= 12          # only the positions in view
-    w = browser.window
+    w = browser.slice_info
     assert (w["p0"], w["p1"], w["d0"], w["d1"]) == (4, 12, 32, 96)
     full = b.activation(1, "attn")
     np.testing.assert_array_equal(browser.image_data, full[4:12, 32:96])
@@ -136,6 +136,12 @@ def test_only_the_visible_slice_is_read(window, browser, qtbot, reads):
     assert [(n, (k[0].start, k[0].stop, k[1].start, k[1].stop)) for n, k in reads] == [(name, (4, 12, 40, 72))]
     np.testing.assert_array_equal(browser.image_data, full[4:12, 40:72])
     assert browser.image_data.size == 8 * 32 < full.size
+    # Fit shows the whole site again
+    with qtbot.waitSignal(browser.slice_drawn, timeout=3000):
+        browser.fit_button.click()
+    w = browser.slice_info
+    assert (w["p0"], w["p1"], w["d0"], w["d1"]) == (0, b.n_positions, 0, 256)
+    np.testing.assert_array_equal(browser.image_data, full)
 
 
 def test_wide_view_is_peak_downsampled_to_the_pixels(window, browser, qtbot):
@@ -144,7 +150,7 @@ def test_wide_view_is_peak_downsampled_to_the_pixels(window, browser, qtbot):
     qtbot.waitUntil(lambda: browser.heat_vb.width() < 128, timeout=3000)
     with qtbot.waitSignal(browser.slice_drawn, timeout=3000):
         browser.select_site(3, "resid_post")
-    w = browser.window
+    w = browser.slice_info
     assert w["sd"] > 1 and w["sp"] == 1
     full = b.activation(3, "resid_post")
     assert browser.image_data.shape == (b.n_positions, -(-256 // w["sd"]))

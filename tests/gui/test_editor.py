@@ -168,6 +168,19 @@ def test_save_and_load_set_json(window, editor, qtbot, tmp_path, monkeypatch):
     o = _wait_replay(qtbot, editor, editor.load_action.trigger)
     assert editor.interventions() == ivs and o.interventions == ivs
     assert editor.rows[1] == Row(1, "head", "14-15", "2, 5", "zero", "")
+    # Del removes the selected row (replayed), Ctrl+Z brings it back
+    editor.table.selectRow(1)
+    o = _wait_replay(qtbot, editor, editor.remove_action.trigger)
+    assert editor.interventions() == ivs[:1] and o.interventions == ivs[:1]
+    assert editor.remove_action.shortcut().toString() == "Del"
+    o = _wait_replay(qtbot, editor, editor.undo_action.trigger)
+    assert o.interventions == ivs
+    # Add row copies the current row as a starting point
+    editor.table.selectRow(0)
+    o = _wait_replay(qtbot, editor, editor.add_action.trigger)
+    assert editor.rows[2] == editor.rows[0] and len(o.interventions) == 3
+    o = _wait_replay(qtbot, editor, editor.undo_action.trigger)
+    assert o.interventions == ivs
     # a broken file: a dialog and a message naming the problem; the set stays as it was
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"interventions": [{"layer": 0, "component": "attn", "op": "explode"}]}))

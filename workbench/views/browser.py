@@ -107,8 +107,8 @@ class BrowserView(QWidget):
         self.layer: int | None = None
         self.site: str | None = None
         self.read_log: list[tuple[int, str, tuple[int, int], tuple[int, int]]] = []
-        #: what the heatmap shows: positions ``[p0, p1)``, dims ``[d0, d1)``, strides, image ``[rows, cols]``
-        self.window: dict = {}
+        #: what the heatmap shows (the slice read): positions ``[p0, p1)``, dims ``[d0, d1)``, strides, image ``[rows, cols]``
+        self.slice_info: dict = {}
         self.image_data = np.zeros((0, 0), dtype=np.float32)
         self.norm_positions = np.zeros(0, dtype=np.int64)
         self.norm_values = np.zeros(0, dtype=np.float32)
@@ -158,7 +158,7 @@ class BrowserView(QWidget):
                                              brush=pg.mkBrush(255, 220, 0, 60), pen=pg.mkPen((200, 150, 0), width=1))
         self.highlight.setVisible(False)
         self.heat_plot.addItem(self.highlight, ignoreBounds=True)
-        self.heat.setToolTip("Activations of the selected site: drag to pan, wheel to zoom, Home to fit; "
+        self.heat.setToolTip("Activations of the selected site: drag to pan, wheel to zoom, Ctrl+0 to fit; "
                              "right-click a row to intervene at that token")
 
         # --- per-token norms, sharing the token axis with the heatmap
@@ -194,8 +194,8 @@ class BrowserView(QWidget):
         self.hover_label = QLabel("")
         self.hover_label.setStyleSheet("QLabel { color: #333; }")
         self.fit_button = QPushButton("Fit")
-        self.fit_button.setToolTip("Show the whole site again (Home)")
-        self.fit_button.setShortcut(QKeySequence(Qt.Key.Key_Home))
+        self.fit_button.setToolTip("Show the whole site again (Ctrl+0)")
+        self.fit_button.setShortcut(QKeySequence("Ctrl+0"))
         self.fit_button.setEnabled(False)
 
         head = QHBoxLayout()
@@ -285,7 +285,7 @@ class BrowserView(QWidget):
         self.tree.clear()
         self.tokens.clear()
         self.layer = self.site = None
-        self.window = {}
+        self.slice_info = {}
         self._norm_cache = None
         self.image.clear()
         self.image_data = np.zeros((0, 0), dtype=np.float32)
@@ -450,9 +450,9 @@ class BrowserView(QWidget):
 
     @Slot(object)
     def _on_vb_resized(self, *_args) -> None:
-        if self.layer is not None and self.window and self.isVisible():
-            p0, p1, d0, d1 = self.window["p0"], self.window["p1"], self.window["d0"], self.window["d1"]
-            if self._strides(p1 - p0, d1 - d0) != (self.window["sp"], self.window["sd"]):
+        if self.layer is not None and self.slice_info and self.isVisible():
+            p0, p1, d0, d1 = self.slice_info["p0"], self.slice_info["p1"], self.slice_info["d0"], self.slice_info["d1"]
+            if self._strides(p1 - p0, d1 - d0) != (self.slice_info["sp"], self.slice_info["sd"]):
                 self.range_timer.start()
 
     def _strides(self, rows: int, cols: int) -> tuple[int, int]:
@@ -498,7 +498,7 @@ class BrowserView(QWidget):
         img = np.concatenate(parts, axis=0) if parts else np.zeros((0, 0), dtype=np.float32)
         if need_norms:
             self._norm_cache = (*key, np.concatenate(norms).astype(np.float32))
-        self.window = {"p0": p0, "p1": p1, "d0": d0, "d1": d1, "sp": sp, "sd": sd}
+        self.slice_info = {"p0": p0, "p1": p1, "d0": d0, "d1": d1, "sp": sp, "sd": sd}
         self.image_data = img
         self._draw(img, p0, p1, d0, d1)
         self.norm_positions = np.arange(p0, p1)
@@ -537,10 +537,10 @@ class BrowserView(QWidget):
     # ------------------------------------------------------------------ hover / tokens
     @Slot(object)
     def _on_mouse_moved(self, scene_pos) -> None:
-        if self.layer is None or not self.window or not self.heat_vb.sceneBoundingRect().contains(scene_pos):
+        if self.layer is None or not self.slice_info or not self.heat_vb.sceneBoundingRect().contains(scene_pos):
             return
         p = self.heat_vb.mapSceneToView(scene_pos)
-        w = self.window
+        w = self.slice_info
         pos, dim = int(math.floor(p.y())), int(math.floor(p.x()))
         if not (w["p0"] <= pos < w["p1"] and w["d0"] <= dim < w["d1"]):
             self.hover_label.setText("")
@@ -597,13 +597,13 @@ class BrowserView(QWidget):
 
     def heatmap_context_menu(self, x: float, y: float, global_pos: QPoint) -> None:
         """Right-click at data point ``(x = dim, y = position)`` of the heatmap."""
-        if self.layer is None or not self.window:
+        if self.layer is None or not self.slice_info:
             return
         n_pos = self.bundle.n_positions
         pos = int(math.floor(y))
         if not 0 <= pos < n_pos:
             return
-        w = self.window
+        w = self.slice_info
         ds = self.bundle.activation_dataset(self.layer, self.site)
         dims = (w["d0"], w["d1"]) if (w["d0"], w["d1"]) != (0, int(ds.shape[1])) else None
         self.popup_menu(self.build_menu(self.layer, self.site, (pos,), dims=dims), global_pos)

@@ -198,6 +198,15 @@ class ReplayOutcome:
     baseline_cached: bool
 
 
+@dataclass(frozen=True)
+class ReplayFailure:
+    """A ``replay-edit`` job that raised: the one-line reason, for the revision it was made for."""
+
+    revision: int
+    key: tuple
+    message: str
+
+
 class _EngineCache:
     """Evaluation context and baseline of the open bundle; touched only by jobs (serialised on the engine thread)."""
 
@@ -210,6 +219,14 @@ class _EngineCache:
 
 def _replay_job(session, bundle, key, cache: _EngineCache, interventions: tuple, revision: int, top_k: int):
     def job(emit, cancel):
+        try:
+            return run(cancel)
+        except ForensicsError as exc:         # bad input for this model: a message in the view, not a crash
+            from workbench.worker import describe_error
+
+            return ReplayFailure(revision, key, describe_error(exc))
+
+    def run(cancel):
         from engine.interventions import InterventionSet, context_from_bundle, evaluate_ids, validate_for
 
         t0 = time.perf_counter()
@@ -788,7 +805,13 @@ class EditorView(QWidget):
 
     @Slot(str, object)
     def _on_finished(self, name: str, result) -> None:
-        if name != JOB or not isinstance(result, ReplayOutcome):
+        if name != JOB:
+            return
+        if isinstance(result, ReplayFailure):
+            if result.revision == self.revision:
+                self._on_failed(name, result.message)
+            return
+        if not isinstance(result, ReplayOutcome):
             return
         self._baselines[result.key] = result.baseline
         bundle = self.session.bundle
@@ -883,4 +906,4 @@ class EditorView(QWidget):
         self.runner.cancel(JOB)
 
 
-__all__ = ["EditorView", "ReplayOutcome", "Row", "format_int_list", "parse_int_list", "row_problem"]
+__all__ = ["EditorView", "ReplayFailure", "ReplayOutcome", "Row", "format_int_list", "parse_int_list", "row_problem"]
