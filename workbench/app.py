@@ -12,6 +12,7 @@ dock/toolbar state, the open tab, the recent-files list (10 entries).
 
 from __future__ import annotations
 
+import gc
 import importlib
 import sys
 from pathlib import Path
@@ -53,6 +54,46 @@ def _optional(module: str):
         if exc.name == module:
             return None
         raise
+
+
+_FROZEN: set[str] = set()
+
+
+def freeze_long_lived_heap(session: Session | None = None) -> bool:
+    """Move every live object to the garbage collector's permanent generation: once at start-up (Qt, pyqtgraph,
+    numpy, h5py: ~200k objects) and once after the first model is loaded (torch, transformers, scipy, sympy: ~200k
+    more).
+
+    Every full (generation-2) collection walks all tracked objects while holding the GIL: 100-300 ms with these
+    libraries loaded (measured with ``benchmarks/gui.py``).  When one runs on the engine thread the GUI thread
+    cannot run either, so the event loop stalls (e.g. during CCA).  After :func:`gc.freeze` collections walk only
+    objects created later.  :func:`gc.freeze` is O(1).  A model is freed by reference counting when the session
+    drops it (it holds no reference cycles), so the freeze keeps nothing large alive.  Returns True when it froze.
+    """
+    stage = "startup" if session is None else "model"
+    if stage in _FROZEN or (session is not None and getattr(session, "_handle", None) is None):
+        return False
+    gc.freeze()
+    _FROZEN.add(stage)
+    if stage == "model":
+        gc.enable()
+    return True
+
+
+def pause_gc_until_model_loaded(busy: bool) -> None:
+    """Until the first model is loaded, automatic collection is off while an engine job runs.
+
+    That job imports torch's and transformers' modules (~200k objects) on the engine thread; each full collection
+    during the import walks all of them (40-160 ms each, several in a row, measured with ``benchmarks/gui.py``).
+    Off until the model is in memory (then :func:`freeze_long_lived_heap` freezes and re-enables) or until the
+    engine is idle again; only the very first loading job of a process is affected.
+    """
+    if "model" in _FROZEN:
+        return
+    if busy:
+        gc.disable()
+    else:
+        gc.enable()
 
 
 class MainWindow(QMainWindow):
@@ -106,6 +147,7 @@ class MainWindow(QMainWindow):
         self.runner.progress.connect(self.on_job_progress)
         self._restore_settings()
         self._update_actions()
+        freeze_long_lived_heap()
 
     # ------------------------------------------------------------------ construction
     def _build_menus(self) -> None:
@@ -324,15 +366,18 @@ class MainWindow(QMainWindow):
     def on_busy_changed(self, busy: bool) -> None:
         self.progress.setVisible(busy)
         self.act_cancel.setEnabled(busy)
+        pause_gc_until_model_loaded(busy)
 
     @Slot(str, object)
     def on_job_progress(self, name: str, data) -> None:
+        freeze_long_lived_heap(self.session)      # a job that loaded the model reports progress after loading it
         if name == "demo" and isinstance(data, dict):
             self.show_status(f"Recording the demo incident: {data.get('what', '')} "
                              f"({data.get('done', 0)}/{data.get('total', 0)})")
 
     @Slot(str, object)
     def on_job_finished(self, name: str, result) -> None:
+        freeze_long_lived_heap(self.session)
         if name == "demo" and not self._closing:
             self.open_path(result)
 
@@ -391,6 +436,7 @@ class MainWindow(QMainWindow):
             if callable(stop):
                 stop()
         self.runner.shutdown(30_000)
+        pause_gc_until_model_loaded(False)
         self.session.close()
         super().closeEvent(event)
 
