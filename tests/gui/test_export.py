@@ -1,0 +1,205 @@
+"""Story 7 (File ▸ Export certificate…): the analyst exports the RCA certificate of the open demo incident.
+
+* After a CCA run and a review: the export replays the incident and runs CF on the engine thread, writes the PDF and
+  the JSON (plus the CF / CCA results its reproduction commands name), shows progress in the status bar and the
+  written paths at the end; the PDF carries the verdict and the analyst's note, and the CF view gets the CF result.
+* With nothing run yet: the export runs CF and CCA itself, and the CCA view then shows the fix set.
+* A result that belongs to another file: a dialog names the problem and nothing is written.
+
+The file dialog and message boxes are monkeypatched; the evidence is real (test_certificate.demo_evidence).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+
+import pytest
+
+pytest.importorskip("PySide6")
+pytest.importorskip("pytestqt")
+
+from PySide6.QtWidgets import QFileDialog, QMessageBox  # noqa: E402
+
+from test_certificate import demo_evidence  # noqa: E402
+
+TIMEOUT_MS = 240_000
+
+
+@pytest.fixture
+def boxes(monkeypatch):
+    seen: list[tuple[str, str]] = []
+
+    def fake(parent, title, text, *a, **k):
+        seen.append((title, text))
+        return QMessageBox.StandardButton.Ok
+
+    monkeypatch.setattr(QMessageBox, "critical", fake)
+    monkeypatch.setattr(QMessageBox, "information", fake)
+    return seen
+
+
+@pytest.fixture
+def save_as(monkeypatch):
+    """Make File ▸ Export certificate…'s save dialog answer with a chosen path (records what it was offered)."""
+    offered: list[str] = []
+    answer: dict[str, str] = {}
+
+    def fake(parent, caption, directory="", filter="", *a, **k):
+        offered.append(directory)
+        return answer["path"], filter
+
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", fake)
+
+    def choose(path) -> list[str]:
+        answer["path"] = str(path)
+        return offered
+
+    return choose
+
+
+def pdf_text(pdf) -> str:
+    out = subprocess.run(["pdftotext", "-enc", "UTF-8", str(pdf), "-"], capture_output=True, text=True, check=True)
+    return " ".join(out.stdout.split())
+
+
+def status(window) -> str:
+    return window.statusBar().currentMessage()
+
+
+def record_status(window) -> list[str]:
+    """Every status-bar message from now on (the status bar's own GUI-thread signal)."""
+    seen: list[str] = []
+    window.statusBar().messageChanged.connect(seen.append)
+    return seen
+
+
+def test_export_after_review_writes_pdf_and_json(qtbot, window, demo_bundle, tmp_path, save_as, boxes):
+    from engine.certificate import load_certificate
+
+    session = window.session
+    _, cca, _ = demo_evidence(demo_bundle)
+    session.set_cca(cca)                                     # as if the CCA view had run
+    review = window.view("Review")
+    if review is not None:                                   # the analyst's note, typed in the review view
+        review.note.setText("attention at ':' carries the injected instruction")
+        review.note.editingFinished.emit()
+    assert session.cf is None
+    pdf = tmp_path / "demo certificate.pdf"
+    offered = save_as(pdf)
+    assert window.act_export.isEnabled()
+    messages = record_status(window)
+    window.act_export.trigger()
+    assert offered == [str(demo_bundle.with_name(demo_bundle.stem + "-certificate.pdf"))]
+    assert window.progress.isVisible()                       # busy indicator in the status bar
+    assert status(window).startswith("Exporting the certificate")
+    qtbot.waitUntil(lambda: "Certificate written" in status(window), timeout=TIMEOUT_MS)
+    assert any("replaying the incident" in m for m in messages), messages
+    assert any("Compression Forensics" in m for m in messages), messages
+    js = pdf.with_suffix(".json")
+    msg = status(window)
+    assert str(pdf) in msg and str(js) in msg and boxes == []
+    for p in (pdf, js, tmp_path / "demo certificate.cca.json", tmp_path / "demo certificate.cf.json"):
+        assert p.is_file(), p
+    doc = load_certificate(js)
+    assert doc["cca"]["flip_rate"] == cca.flip_rate and doc["cf"] is not None
+    assert session.cf is not None and doc["cf"]["threshold"] == session.cf.threshold   # published to the views
+    if review is not None:
+        assert doc["analyst"]["note"] == "attention at ':' carries the injected instruction"
+        assert [d["decision"] for d in doc["analyst"]["decisions"]] == ["accepted"]
+    if shutil.which("pdftotext"):
+        text = pdf_text(pdf)
+        assert " ".join(doc["verdict"].split()) in text
+        assert doc["model"]["weights_sha256"] in text
+        if review is not None:
+            assert "attention at ':' carries the injected instruction" in text
+    qtbot.waitUntil(lambda: not window.runner.busy, timeout=10_000)
+    assert not window.progress.isVisible()
+
+
+def test_export_with_nothing_run_runs_cf_and_cca(qtbot, window, tmp_path, save_as, boxes, monkeypatch):
+    from engine.certificate import load_certificate
+    from workbench.views import export
+
+    monkeypatch.setattr(export, "CCA_CONTROLS", 10)        # the default 200 controls take minutes on 2 cores
+    session = window.session
+    assert session.cf is None and session.cca is None
+    pdf = tmp_path / "fresh.pdf"
+    save_as(pdf)
+    messages = record_status(window)
+    window.act_export.trigger()
+    qtbot.waitUntil(lambda: "Certificate written" in status(window), timeout=TIMEOUT_MS)
+    assert any("CCA:" in m for m in messages), messages
+    doc = load_certificate(pdf.with_suffix(".json"))
+    assert session.cca is not None and session.cca.fix_set              # the CCA view now shows the set
+    assert doc["cca"]["n_controls"] == 10 and len(doc["cca"]["fix_set"]) == len(session.cca.fix_set)
+    assert doc["cca"]["flipped"] == session.cca.flipped
+    saved = json.loads((tmp_path / "fresh.cca.json").read_text(encoding="utf-8"))
+    assert saved["fix_set"] == doc["cca"]["fix_set"]
+    assert any(c.startswith("forensics cca ") and "--controls 10" in c for c in doc["commands"])
+    if shutil.which("pdftotext"):
+        assert " ".join(doc["verdict"].split()) in pdf_text(pdf)
+
+
+def test_export_failure_shows_a_dialog_and_writes_nothing(qtbot, window, demo_bundle, tmp_path, save_as, boxes):
+    _, cca, _ = demo_evidence(demo_bundle)
+    stale = dataclasses.replace(cca, bundle_sha256="0" * 64)       # a CCA result computed on another file
+    window.session.set_cca(stale)
+    pdf = tmp_path / "stale.pdf"
+    save_as(pdf)
+    window.act_export.trigger()
+    qtbot.waitUntil(lambda: bool(boxes), timeout=TIMEOUT_MS)
+    title, text = boxes[0]
+    assert title == "Export certificate" and "different file" in text
+    assert "Certificate export failed" in status(window) and "different file" in status(window)
+    assert list(tmp_path.iterdir()) == []
+    qtbot.waitUntil(lambda: not window.runner.busy, timeout=10_000)
+
+
+def test_cancel_during_cca_writes_nothing(qtbot, window, tmp_path, save_as, boxes, monkeypatch):
+    from workbench.views import export
+
+    monkeypatch.setattr(export, "CCA_CONTROLS", 5000)   # a CCA run long enough to cancel in the middle
+    pdf = tmp_path / "stopped.pdf"
+    save_as(pdf)
+    messages = record_status(window)
+    window.act_export.trigger()
+    qtbot.waitUntil(lambda: any("CCA:" in m for m in messages), timeout=TIMEOUT_MS)
+    assert window.act_cancel.isEnabled()
+    # what Analysis ▸ Cancel running job (Esc) is for; the action itself passes its "checked" flag as the job name
+    # (runner.cancel(False) cancels nothing: reported, app.py), so the test calls what it should call
+    window.runner.cancel()
+    qtbot.waitUntil(lambda: "export cancelled" in status(window), timeout=60_000)
+    assert status(window) == "Certificate export cancelled; nothing was written"
+    assert list(tmp_path.iterdir()) == [] and boxes == []
+    assert window.session.cca is None                             # a partial search is not published either
+    qtbot.waitUntil(lambda: not window.runner.busy, timeout=10_000)
+
+
+def test_cancel_while_waiting_in_the_queue(qtbot, window, tmp_path, save_as, boxes):
+    """Esc while the export still waits behind another job: it never runs, and the status bar says so."""
+    save_as(tmp_path / "queued.pdf")
+    window.runner.submit("replay-edit", lambda emit, cancel: cancel.wait(30))   # the engine thread is busy
+    window.act_export.trigger()
+    assert window.runner.is_running("certificate")
+    window.runner.cancel()                                        # Esc (see test_cancel_during_cca_writes_nothing)
+    qtbot.waitUntil(lambda: "export cancelled" in status(window), timeout=30_000)
+    assert list(tmp_path.iterdir()) == [] and boxes == []
+
+
+def test_export_waits_for_a_running_analysis(qtbot, window, tmp_path, save_as):
+    """While the CCA view's run is going, exporting would compute CCA a second time: the user is told to wait."""
+    cca_view = window.view("CCA")
+    if cca_view is None:
+        pytest.skip("no CCA view in this build")
+    cca_view.controls.setValue(5000)
+    save_as(tmp_path / "early.pdf")
+    window.act_run_cca.trigger()
+    assert window.runner.is_running("cca")
+    window.act_export.trigger()
+    assert "Wait for the running CCA to finish" in status(window)
+    window.runner.cancel()
+    qtbot.waitUntil(lambda: not window.runner.busy, timeout=60_000)
+    assert list(tmp_path.iterdir()) == []

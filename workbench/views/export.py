@@ -1,0 +1,263 @@
+"""Story 7: File ▸ Export certificate… — the RCA certificate (PDF + JSON) of the open incident.
+
+:func:`export_certificate` (what ``MainWindow.export_certificate`` calls) asks for the PDF path, then runs on the
+engine thread whatever the certificate still needs: the bit-identical replay always, Compression Forensics when
+``session.cf`` is empty, CCA when ``session.cca`` is empty (with :data:`CCA_CONTROLS` random control sets, as the
+CLI does), and builds the certificate data (``engine.certificate.build_certificate``) with the analyst's
+accept/reject decisions from ``session.analyst``. Progress goes to the status bar; Esc (Analysis ▸ Cancel) cancels
+and nothing is written.
+
+The PDF is drawn on the GUI thread (``workbench.pdf`` uses QPdfWriter/QPainter/QTextDocument, which we keep on the
+thread that owns the QGuiApplication; ~0.1–0.3 s for the five pages), then the JSON is written beside it, and the
+CF / CCA results are kept as ``CERT.cf.json`` / ``CERT.cca.json`` (the files the certificate's reproduction
+commands name). Results computed here are also published to the session, so the CF and CCA views show them. A
+failure shows a dialog and a status message; success a status message naming every file written.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+from PySide6.QtCore import QObject, Signal, Slot
+from PySide6.QtWidgets import QFileDialog, QMessageBox
+
+JOB = "certificate"
+CCA_CONTROLS = 200          # control sets when CCA runs for the certificate (the p-value criterion needs >= 200)
+PDF_FILTER = "PDF documents (*.pdf)"
+OBJECT_NAME = "certificate-export"
+ANALYSIS_JOBS = {"cf": "CF", "cca": "CCA", "review": "re-evaluation"}   # the CF, CCA and review views' jobs
+
+
+def default_pdf_path(session) -> Path:
+    """``<bundle folder>/<bundle stem>-certificate.pdf``."""
+    p = Path(session.path) if session.path else Path.cwd() / "incident.h5"
+    return p.with_name(p.stem + "-certificate.pdf")
+
+
+class CertificateExport(QObject):
+    """One export in flight: the engine job, then the PDF and JSON written on the GUI thread.
+
+    Signals:
+        done(pdf_path, json_path): both files are written.
+        failed(message): one line; nothing (or only what the message names) was written.
+        cancelled(): the job was cancelled; nothing was written.
+    """
+
+    done = Signal(str, str)
+    failed = Signal(str)
+    cancelled = Signal()
+
+    def __init__(self, window, session, runner, pdf_path: str | os.PathLike) -> None:
+        super().__init__(window)
+        self.setObjectName(OBJECT_NAME)
+        self.window = window
+        self.session = session
+        self.runner = runner
+        self.pdf_path = Path(pdf_path)
+        self.json_path = self.pdf_path.with_suffix(".json")
+        self.written: list[str] = []
+        self.finished_ok = False
+        self._over = False
+        runner.progress.connect(self._on_progress)
+        runner.finished.connect(self._on_finished)
+        runner.failed.connect(self._on_failed)
+        runner.busy_changed.connect(self._on_busy_changed)
+
+    # ------------------------------------------------------------------ start (GUI thread)
+    def start(self) -> None:
+        session = self.session
+        bundle, bundle_path = session.bundle, Path(session.path)
+        cf_given, cca_given = session.cf, session.cca
+        analyst = copy.deepcopy(session.analyst or {})
+        pdf = self.pdf_path
+        stem = pdf.with_suffix("")
+        cf_path = stem.with_name(stem.name + ".cf.json")
+        cca_path = stem.with_name(stem.name + ".cca.json")
+        steps = 2 + (cf_given is None) + (cca_given is None)
+
+        def job(emit, cancel):
+            from engine.certificate import build_certificate, reproduction_commands
+            from engine.errors import CFError
+            from engine.replay import replay
+
+            k = 0
+
+            def say(what: str) -> None:
+                emit({"done": k, "total": steps, "what": what})
+
+            say("loading the model")
+            handle = session.model()
+            say("replaying the incident bit for bit")
+            rep = replay(bundle, handle=handle)
+            k += 1
+            if cancel.is_set():
+                return None
+            cf, cf_note = cf_given, ""
+            if cf is None:
+                from engine.cf import run_cf
+
+                say("running Compression Forensics")
+                try:
+                    cf = run_cf(bundle, handle, cancel=cancel,
+                                progress=lambda d, t, what: say(f"Compression Forensics: {what} ({d}/{t})"))
+                except CFError as exc:   # e.g. no benign reference runs: the certificate says CF was not run
+                    cf, cf_note = None, f"CF not available ({exc})"
+                k += 1
+                if cancel.is_set() or (cf is not None and cf.partial):
+                    return None
+            cca = cca_given
+            if cca is None:
+                from engine.cca import run_cca
+
+                say("running CCA")
+                cca = run_cca(bundle, handle, cf=cf, n_controls=CCA_CONTROLS, cancel=cancel,
+                              progress=lambda d, t, what: say(f"CCA: {what} ({d}/{t})"))
+                k += 1
+                if cancel.is_set() or cca.partial:
+                    return None
+            say("building the certificate")
+            commands = reproduction_commands(bundle_path, pdf_path=pdf, result_path=cca_path,
+                                             cf_path=cf_path if cf is not None else None,
+                                             n_controls=cca.n_controls or None, with_cf=cf is not None)
+            doc = build_certificate(bundle_path, cca=cca, cf=cf, replay_report=rep, analyst=analyst,
+                                    commands=commands)
+            return {"doc": doc, "cf": cf, "cca": cca, "cf_computed": cf_given is None and cf is not None,
+                    "cca_computed": cca_given is None, "cf_path": str(cf_path), "cca_path": str(cca_path),
+                    "note": cf_note}
+
+        self.runner.submit(JOB, job)
+        self._status(f"Exporting the certificate to {pdf.name}: starting…")
+
+    # ------------------------------------------------------------------ runner slots (GUI thread)
+    @Slot(bool)
+    def _on_busy_changed(self, busy: bool) -> None:
+        # a job cancelled while it was still waiting in the queue never runs and reports nothing: the engine thread
+        # going idle without our result means exactly that (our finished/failed would have arrived first)
+        if not busy and not self._over:
+            self._status("Certificate export cancelled; nothing was written")
+            self._finish()
+            self.cancelled.emit()
+
+    @Slot(str, object)
+    def _on_progress(self, name: str, data: object) -> None:
+        if name != JOB or not isinstance(data, dict):
+            return
+        self._status(f"Exporting the certificate [{data.get('done', 0)}/{data.get('total', 0)}]: "
+                     f"{data.get('what', '')}…")
+
+    @Slot(str, object)
+    def _on_finished(self, name: str, result: object) -> None:
+        if name != JOB:
+            return
+        if result is None:
+            self._status("Certificate export cancelled; nothing was written")
+            self._finish()
+            self.cancelled.emit()
+            return
+        try:
+            self._write(result)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a dialog, the app stays up
+            from workbench.worker import describe_error
+
+            self._fail(describe_error(exc))
+            return
+        extra = [p for p in self.written if p not in (str(self.pdf_path), str(self.json_path))]
+        msg = f"Certificate written: {self.pdf_path} and {self.json_path}"
+        if extra:
+            msg += " (also kept: " + ", ".join(Path(p).name for p in extra) + ")"
+        if result.get("note"):
+            msg += f"; {result['note']}"
+        self._status(msg)
+        self.finished_ok = True
+        self._finish()
+        self.done.emit(str(self.pdf_path), str(self.json_path))
+
+    @Slot(str, str)
+    def _on_failed(self, name: str, message: str) -> None:
+        if name != JOB:
+            return
+        self._fail(message)
+
+    # ------------------------------------------------------------------ helpers
+    def _write(self, result: dict) -> None:
+        from engine.certificate import write_certificate
+        from workbench.pdf import render_certificate_pdf
+
+        doc = result["doc"]
+        render_certificate_pdf(doc, self.pdf_path)
+        self.written.append(str(self.pdf_path))
+        write_certificate(doc, self.json_path)
+        self.written.append(str(self.json_path))
+        # the results are kept beside the certificate: its reproduction commands name them (certify --result/--cf)
+        for key, path_key in (("cca", "cca_path"), ("cf", "cf_path")):
+            obj = result[key]
+            if obj is None:
+                continue
+            path = Path(result[path_key])
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(json.dumps(obj.to_dict(), indent=1) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+            self.written.append(str(path))
+        if result.get("cf_computed") and self.session.cf is None:
+            self.session.set_cf(result["cf"])
+        if result.get("cca_computed") and self.session.cca is None:
+            self.session.set_cca(result["cca"])
+
+    def _fail(self, message: str) -> None:
+        self._status(f"Certificate export failed: {message}")
+        self._finish()
+        QMessageBox.critical(self.window, "Export certificate", f"The certificate could not be exported:\n\n{message}")
+        self.failed.emit(message)
+
+    def _status(self, message: str) -> None:
+        show = getattr(self.window, "show_status", None)
+        if callable(show):
+            show(message)
+        else:
+            self.session.status.emit(message)
+
+    def _finish(self) -> None:
+        self._over = True
+        self.runner.busy_changed.disconnect(self._on_busy_changed)
+        self.runner.progress.disconnect(self._on_progress)
+        self.runner.finished.disconnect(self._on_finished)
+        self.runner.failed.disconnect(self._on_failed)
+        self.deleteLater()
+
+
+def export_certificate(window, session, runner, path: str | os.PathLike | None = None) -> CertificateExport | None:
+    """File ▸ Export certificate…: ask for the PDF path (unless ``path`` is given) and start the export.
+
+    Returns the :class:`CertificateExport` in flight, or ``None`` when there is nothing to do (no bundle open, the
+    dialog was cancelled, an export is already running).
+    """
+    if session.bundle is None or session.path is None:
+        window.show_status("Open an incident bundle before exporting its certificate")
+        return None
+    running = window.findChild(CertificateExport, OBJECT_NAME)
+    if running is not None and not running.finished_ok and runner.is_running(JOB):
+        window.show_status("A certificate export is already running")
+        return None
+    busy = [word for name, word in ANALYSIS_JOBS.items() if runner.is_running(name)]
+    if busy:   # their result is what the certificate should carry: wait for it rather than compute it twice
+        window.show_status(f"Wait for the running {' and '.join(busy)} to finish (or cancel it with Esc) before "
+                           "exporting the certificate")
+        return None
+    if path is None:
+        chosen, _ = QFileDialog.getSaveFileName(window, "Export certificate", str(default_pdf_path(session)),
+                                                PDF_FILTER)
+        if not chosen:
+            return None
+        path = chosen
+    path = Path(path)
+    if path.suffix.lower() != ".pdf":
+        path = path.with_name(path.name + ".pdf")
+    export = CertificateExport(window, session, runner, path)
+    export.start()
+    return export
+
+
+__all__ = ["CCA_CONTROLS", "CertificateExport", "JOB", "default_pdf_path", "export_certificate"]
