@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 
 from PySide6.QtCore import Qt, Slot
-from PySide6.QtWidgets import QLabel, QSizePolicy, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QFrame, QLabel, QScrollArea, QSizePolicy, QVBoxLayout, QWidget
 
 #: Background of the failing span's tokens (and of the failing output) — the same red the badges use.
 FAIL_BG = "#f8c4c4"
@@ -57,15 +57,26 @@ class IncidentPanel(QWidget):
         self.label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.label.setAlignment(Qt.AlignmentFlag.AlignTop | Qt.AlignmentFlag.AlignLeft)
         self.label.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
+        # a long prompt (hundreds of tokens) scrolls inside the panel instead of pushing the views off the window
+        self.scroll = QScrollArea()
+        self.scroll.setWidget(self.label)
+        self.scroll.setWidgetResizable(True)
+        self.scroll.setFrameShape(QFrame.Shape.NoFrame)
+        self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.scroll.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Maximum)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(6, 4, 6, 4)
-        lay.addWidget(self.label)
+        lay.addWidget(self.scroll)
         session.bundle_opened.connect(self.on_bundle_opened)
         session.bundle_closed.connect(self.on_bundle_closed)
         self.refresh()
 
+    #: Most text lines the panel shows before it scrolls.
+    MAX_LINES = 9
+
     def refresh(self) -> None:
         self.label.setText(incident_html(self.session.bundle))
+        self.scroll.setMaximumHeight(self.MAX_LINES * self.fontMetrics().lineSpacing() + 8)
 
     @Slot(object)
     def on_bundle_opened(self, bundle) -> None:
