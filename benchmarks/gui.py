@@ -43,7 +43,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
-from PySide6.QtCore import QEventLoop, QObject, Qt, QTimer, Slot  # noqa: E402
+from PySide6.QtCore import QEventLoop, QObject, QSettings, Qt, QTimer, Slot  # noqa: E402
 from PySide6.QtWidgets import QApplication  # noqa: E402
 
 TARGET_STALL_MS = 50.0
@@ -346,6 +346,10 @@ def main(argv=None) -> int:
     assert "torch" not in sys.modules and "transformers" not in sys.modules
 
     app = QApplication.instance() or QApplication(sys.argv[:1])
+    # a fresh settings folder: the user's window layout / recent files neither shape nor receive the measurement
+    settings_dir = tempfile.TemporaryDirectory(prefix="forensics-gui-bench-settings-")
+    QSettings.setDefaultFormat(QSettings.Format.IniFormat)
+    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, settings_dir.name)
     from importlib.metadata import version
 
     print(f"torch {version('torch')}, CPU; Qt platform {app.platformName()}; load average "
