@@ -60,7 +60,7 @@ def _edit(qtbot, ed, row, col, text=None, combo=None, spin=None):
     QApplication.processEvents()          # the delegate commits through a queued call
 
 
-def test_baseline_is_shown_and_cached(window, editor):
+def test_baseline_is_shown_and_cached(window, editor, qtbot):
     b = window.session.bundle
     o = editor.outcome
     assert o.baseline.failing and o.baseline.continuation == b.continuation_text == "HACKED"
@@ -69,6 +69,8 @@ def test_baseline_is_shown_and_cached(window, editor):
     assert editor.before.topk.rowCount() == 5 and editor.before.topk.item(0, 1).text() == "'HACKED'"
     assert "No interventions yet" in editor.banner.text()
     assert editor._baselines and editor._cache.baseline is o.baseline
+    # then the model is run once per generation length in the background (first edits stay fast)
+    qtbot.waitUntil(lambda: editor._cache.warm, timeout=REPLAY_TIMEOUT)
 
 
 def test_context_menu_to_fix_to_undo_redo(window, editor, qtbot):
