@@ -2,45 +2,67 @@
 then measure what that set does and does not do.
 
 Pipeline of :func:`run_cca` (every number comes from real forward passes; nothing is estimated by combining
-single-site results):
+single-site results; ``docs/cca.md`` has the long form):
 
 1. **Candidates** — sites ``(layer, component, positions)`` for ``component`` in ``resid_pre``, ``attn``, ``mlp``
    and ``resid_post`` (``resid_post`` of block ``L`` equals ``resid_pre`` of block ``L+1``, so it is a candidate only
-   for the last block), with position groups: every single prompt position and the last three prompt positions (the whole
-   prompt at one site is already ~1/n_sites of the recorded values, above the 5% minimality target). Operation ``mean`` (benign mean, default) or ``patch`` (the counterpart donor).
-2. **Ranking** — attribution patching: one forward and one backward of the failure metric with a zero tensor added
-   at every site; ``grad · (replacement − activation)`` summed over a candidate's positions estimates its effect on
-   the metric. Combined with the CF prior (``cf.prior()``, weight ``w`` in [0, 1]) as ``estimate × (1 + w)``.
-   Re-computed under the current set at every search step.
-3. **Search** — greedy (``beam=1``) or beam search: at each step, each beam state is extended by its ``top_m`` best
-   ranked candidates and all extensions are evaluated exactly, as batch rows of one replay (teacher-forced metric).
-   A set *fixes* the incident when the teacher-forced verdict is no longer failing with a margin (label/token: logit
-   margin <= ``-margin``; contains/wordlist: span log-prob at least ``margin`` nats below the recorded one) **and**,
-   for generation incidents, the greedy continuation generated under the set no longer fails. Early stop at the first
-   fixing set; then **pruning** to a 1-minimal set (drop any element that is not needed, re-evaluated each time).
-4. **Evidence** (:func:`evaluate_fix_set`) — flip rate on the held-out failing variants (Wilson 95%), sufficiency
+   for the last block), with position groups: every single prompt position and the last three prompt positions (the
+   whole prompt at one site is already ~1/n_sites of the recorded values, above the 5% minimality target). Operation
+   ``mean`` (benign mean, default) or ``patch`` (the counterpart donor). After the search, an ``attn`` / ``mlp``
+   element is refined to the fewest attention heads / MLP neurons that still fix (``refine_units``).
+2. **Search metric** — one continuous number per set, larger = more failing, ``> 0`` iff the incident still fails
+   teacher-forced: for ``label:`` / ``token:`` the logit margin of the failing outcome over the best other (as
+   recorded); for ``contains:`` / ``wordlist:`` the *smallest* logit margin of the recorded continuation's tokens over
+   their best competitor, from the first generated token through the end of the failing span. So a set that makes the
+   model leave the failing path anywhere before or inside the failing text lowers it (the recorded metric, the span's
+   log-prob after the recorded prefix, stays ~0 when the path diverges earlier), and margins do not saturate the way
+   log-probs of a model trained to a loss of 1e-6 do.
+3. **Ranking** — attribution patching: one forward and one backward of the metric (a soft minimum over positions for
+   generation incidents) with a zero tensor added at every site; ``grad · (replacement − activation)`` summed over a
+   candidate's positions estimates its effect. Combined with the CF prior (``cf.prior()``, weight ``w`` in [0, 1]) as
+   ``estimate × (1 + w)``. Re-computed under the current set at every search step.
+4. **Search** — greedy (``beam=1``) or beam search: at each step, each beam state is extended by its ``top_m`` best
+   ranked candidates and all extensions are evaluated exactly, as batch rows of one replay (teacher-forced metric,
+   starting from the recorded residual stream of the lowest intervened block, with the shared prompt prefix run
+   once). A set *fixes* the incident when the metric is ``<= -margin`` (the failing outcome / continuation is beaten
+   by at least ``margin`` logits) **and**, for generation incidents, the greedy continuation generated under the set
+   no longer fails. Early stop at the first size with a fixing set. When several sets fix, the one chosen is the most
+   *specific*, in this order: fewest changed outputs on the bundle's benign **reference** prompts (never the held-out
+   ones), *sufficient* on the incident's counterpart (the failing run's activations at the set's sites, written into
+   the benign counterpart, re-create the failure), edits a sublayer's output (head/neuron < attn/mlp < residual
+   stream), lowest metric. Then **pruning** to a 1-minimal set (drop any element that is not needed) and refinement
+   of position groups and of attn/mlp elements to heads/neurons.
+5. **Evidence** (:func:`evaluate_fix_set`) — flip rate on the held-out failing variants (Wilson 95%), sufficiency
    (failing activations transplanted into the benign counterparts), side effects on held-out benign prompts (share
    whose output changes, mean KL of the next-token / label distribution), minimality (size, fraction of recorded
    activation values touched, 1-minimality), significance against random control sets of equal size and matching
-   components (empirical p-value), Benjamini–Hochberg q-values across the claims, and the budget.
+   components (empirical p-value of the flip rate on the held-out failing variants), Benjamini–Hochberg q-values
+   across the claims, and the budget.
 
 **Position rule** (mapping the set's positions from the incident prompt to another prompt): an incident position
 ``p`` holding token ``t`` maps to the position of the other prompt that holds the same token ``t`` and is nearest to
 the *end-aligned* position ``q = p − n_incident + n_other``; when ``t`` does not occur there, to ``q`` itself
 (dropped when ``q < 0``). So a trigger token is followed wherever it sits, and structural positions (the last tokens)
 stay aligned from the end.
+
+**Greedy outcomes under a set, exactly and cheaply**: the unintervened greedy continuation of a prompt is generated
+once; a set's row is then first run teacher-forced on that continuation (plus EOS when it ended with one). If every
+token is still the argmax, greedy decoding under the set reproduces it token for token (same output, same verdict,
+equal up to float rounding like any KV-cached generation), and nothing more is run; only rows that leave it are
+generated. Most rows of the side-effect and control tests never leave it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import math
 import random
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -48,20 +70,39 @@ import torch
 from . import stats
 from .errors import CCAError, ForensicsError
 from .failure import margin as _margin
-from .failure import span_logprob
 from .hooks import site_hooks
-from .interventions import (ActivationSources, EvalContext, EvaluationCancelled, Intervention, InterventionSet,
-                            _make_hook, bundle_sources, context_from_bundle, evaluate_ids, run_with_interventions)
+from .interventions import (ActivationSources, EvalContext, Intervention, InterventionSet, _make_hook,
+                            context_from_bundle, run_with_interventions, validate_for)
 from .models import ModelHandle
 
 SCHEMA = "forensics.cca-result/1"
 SEARCH_COMPONENTS = ("resid_pre", "attn", "mlp", "resid_post")
 TARGETS = {"flip_rate": 0.80, "side_effect_rate": 0.05, "fraction_of_activations": 0.05, "p_value": 0.01}
+#: Specificity order of components when several sets fix equally well (a sublayer's output is a narrower edit than
+#: the residual stream, which carries everything written before it).
+COMPONENT_RANK = {"head": 0, "neuron": 0, "attn": 1, "mlp": 1, "resid_pre": 2, "resid_post": 2}
+MAX_ROWS = 64  # batch rows per forward
 Progress = Callable[[int, int, str], None]
 
 
 class _Cancelled(Exception):
     pass
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run with ``n`` intra-op torch threads (``None``/0: leave torch's setting), restored afterwards.
+
+    CCA runs thousands of small batched forwards; on this project's 2-core machine, shared with other jobs, two
+    threads were measured 10-14x slower in wall time than one (the OpenMP threads wait on each other whenever one is
+    descheduled), so :func:`run_cca` and :func:`evaluate_fix_set` default to one thread."""
+    prev = torch.get_num_threads()
+    try:
+        if n:
+            torch.set_num_threads(int(n))
+        yield
+    finally:
+        torch.set_num_threads(prev)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -216,6 +257,7 @@ class _Budget:
         self.cancel = cancel
         self.t0 = time.perf_counter()
         self.by_stage: dict[str, int] = {}
+        self.rows_by_stage: dict[str, int] = {}
         self.sec_by_stage: dict[str, float] = {}
         self._stage = ""
         self._t_stage = self.t0
@@ -235,13 +277,14 @@ class _Budget:
             raise _Cancelled()
 
     def add(self, passes: int, rows: int) -> None:
-        self.passes += passes
-        self.rows += rows
-        self.by_stage[self.stage] = self.by_stage.get(self.stage, 0) + passes
+        self.passes += int(passes)
+        self.rows += int(rows)
+        self.by_stage[self.stage] = self.by_stage.get(self.stage, 0) + int(passes)
+        self.rows_by_stage[self.stage] = self.rows_by_stage.get(self.stage, 0) + int(rows)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Prompts other than the incident
+# Prompts other than the incident; benign means
 # ----------------------------------------------------------------------------------------------------------------
 def _encode(handle: ModelHandle, text: str) -> dict[str, torch.Tensor]:
     from .behaviour import encode
@@ -260,6 +303,10 @@ def map_positions(positions: Sequence[int], src_ids: Sequence[int], n_src: int, 
 
     Returns:
         Sorted distinct destination positions (positions with no partner are dropped).
+
+    Example:
+        >>> map_positions([1, 3], [5, 7, 8, 9], 4, [6, 7, 2, 2, 9])   # token 7 is followed; the last stays last
+        [1, 4]
     """
     n_dst = len(dst_ids)
     out = set()
@@ -286,138 +333,335 @@ def _map_set(ivs: Sequence[Intervention], src_ids, n_src: int, dst_ids) -> list[
     return out
 
 
+class _Means:
+    """Benign reference means per ``(layer, component)``: the recorded sites' from the bundle; attention heads and
+    MLP neurons (not recorded) computed the same way — token mean and per-position mean over the bundle's benign
+    reference prompts — on first use (forward passes counted in the budget)."""
+
+    def __init__(self, bundle, handle: ModelHandle, budget: "_Budget | None" = None):
+        self.bundle, self.handle, self.budget = bundle, handle, budget
+        self._tok: dict = {}
+        self._pos: dict = {}
+        self._done: set = set()
+
+    def available(self, comp: str) -> bool:
+        return comp in self.bundle.sites or bool(self.bundle.has_benign and self.bundle.benign_prompts)
+
+    def token(self, layer: int, comp: str):
+        if comp in self.bundle.sites:
+            return self.bundle.benign_mean(layer, comp, per_position=False)
+        self.ensure(comp)
+        return self._tok.get((layer, comp))
+
+    def pos(self, layer: int, comp: str):
+        if comp in self.bundle.sites:
+            return self.bundle.benign_mean(layer, comp, per_position=True)
+        self.ensure(comp)
+        return self._pos.get((layer, comp))
+
+    @torch.no_grad()
+    def ensure(self, comp: str) -> None:
+        if comp in self.bundle.sites or comp in self._done or not self.available(comp):
+            return
+        from .hooks import forward_captured
+
+        h = self.handle
+        keys = [(L, comp) for L in range(h.n_layers)]
+        encs = [_encode(h, p) for p in self.bundle.benign_prompts]
+        counts = self.bundle.benign_position_counts()
+        max_pos = len(counts) if counts is not None else max(int(e["input_ids"].shape[1]) for e in encs)
+        groups: dict = {}
+        for e in encs:
+            groups.setdefault(int(e["input_ids"].shape[1]), []).append(e)
+        sums: dict = {}
+        pos_sums: dict = {}
+        n_tok = 0
+        for n, members in groups.items():
+            for c0 in range(0, len(members), MAX_ROWS):
+                part = members[c0:c0 + MAX_ROWS]
+                enc = {k: torch.cat([e[k] for e in part]) for k in part[0]}
+                if self.budget is not None:
+                    self.budget.check()
+                _, acts = forward_captured(h, keys, **enc)
+                if self.budget is not None:
+                    self.budget.add(1, len(part))
+                n_tok += n * len(part)
+                for k, t in acts.items():
+                    a = t.double()  # [b, n, *shape]
+                    if k not in sums:
+                        sums[k] = torch.zeros(a.shape[2:], dtype=torch.float64)
+                        pos_sums[k] = torch.zeros((max_pos, *a.shape[2:]), dtype=torch.float64)
+                    sums[k] += a.sum((0, 1))
+                    pos_sums[k][:min(n, max_pos)] += a.sum(0)[:max_pos]
+        cnt = torch.as_tensor(np.asarray(counts) if counts is not None else np.zeros(max_pos), dtype=torch.float64)
+        for k in sums:
+            self._tok[k] = (sums[k] / max(n_tok, 1)).numpy()
+            div = cnt.clamp_min(1).reshape(-1, *([1] * (pos_sums[k].dim() - 1)))
+            self._pos[k] = (pos_sums[k] / div).numpy()
+        self._done.add(comp)
+
+
 def _prompt_sources(bundle, handle: ModelHandle, donor_text: str | None, n_prompt: int,
-                    donor_cache: dict) -> ActivationSources:
-    """Benign means of the bundle, and (lazily) ``donor_text`` run once as the patch donor, aligned from the end."""
+                    donor_cache: dict, means: _Means | None = None) -> ActivationSources:
+    """Benign means (``means``, default: the bundle's recorded ones), and (lazily) ``donor_text`` run once as the
+    patch donor, aligned from the end."""
     counts = bundle.benign_position_counts()
-    state: dict = {}
+    means = means or _Means(bundle, handle)
 
     def donor(layer, comp):
         if donor_text is None:
             return None
         if donor_text not in donor_cache:
-            from .hooks import forward_captured
+            from .hooks import COMPONENTS, forward_captured
 
             enc = _encode(handle, donor_text)
-            keys = [(i, c) for i in range(handle.n_layers) for c in SEARCH_COMPONENTS]
+            keys = [(i, c) for i in range(handle.n_layers) for c in COMPONENTS]
             with torch.no_grad():
                 _, acts = forward_captured(handle, keys, **enc)
             donor_cache[donor_text] = {k: v[0] for k, v in acts.items()}
         return donor_cache[donor_text][(layer, comp)]
 
     n_donor = len(handle.tokenizer(donor_text)["input_ids"]) if donor_text is not None else n_prompt
-    del state
-    return ActivationSources(lambda L, c: bundle.benign_mean(L, c, per_position=False),
-                             lambda L, c: bundle.benign_mean(L, c, per_position=True), counts, donor,
-                             n_prompt - n_donor)
+    return ActivationSources(means.token, means.pos, counts, donor, n_prompt - n_donor)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Outcomes of prompts under sets (greedy continuation / next token / label), batched
+# ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class _Item:
-    """One prompt evaluated under several sets (one batch row each)."""
+    """One prompt evaluated under several sets (one batch row each).
+
+    ``baseline``: the prompt's unintervened outcome (``{"tokens", "eos", "output", "failing", "logp"}``); computed by
+    :func:`_run_items` when ``None`` (generation incidents) and kept on the item for later calls.
+    """
 
     ids: torch.Tensor  # [n] prompt ids
     sets: list[InterventionSet]
     sources: ActivationSources | None
     token_type_ids: torch.Tensor | None = None
+    baseline: dict | None = None
+    guess: list[int] | None = None  # a guessed baseline continuation (verified teacher-forced before it is used)
+    alt: list[int] | None = None  # a guessed continuation for rows that leave the baseline (verified the same way)
+
+
+def _tti(enc: Mapping) -> torch.Tensor | None:
+    return enc["token_type_ids"][0] if "token_type_ids" in enc else None
+
+
+def _first_positions(sets: Sequence[InterventionSet]) -> list[int]:
+    return [0 if iv.positions == "all" else min(iv.positions) for s in sets for iv in s.interventions]
 
 
 @torch.no_grad()
 def _run_items(handle: ModelHandle, items: Sequence[_Item], spec, *, generate: bool, max_new_tokens: int,
-               budget: _Budget, target_index: int = -1, id2label=None, max_rows: int = 32) -> list[list[dict]]:
-    """Evaluate prompts under sets: per item, per set ``{"output", "failing", "logp"}`` (``logp``: log-probs of the
-    next token / label at the decision position ``[V]``).
+               budget: "_Budget", target_index: int = -1, id2label=None, max_rows: int = MAX_ROWS) -> list[list[dict]]:
+    """Evaluate prompts under sets: per item, per set ``{"output", "failing", "logp", ...}`` (``logp``: log-probs of
+    the next token / label at the decision position ``[V]``).
 
-    Items with the same length and the same ``sources`` object are batched together (rows = items × sets, at most
-    ``max_rows`` per forward). Generation: greedy, full forward per step, EOS-frozen rows; ``cancel`` is checked
-    before every forward.
+    Label / token incidents: one forward per row (rows of equal length and sources batched). Generation incidents:
+    the baseline continuation of each item (generated once), then each row teacher-forced on it; rows that reproduce
+    it get the baseline's outcome, the others are generated (greedy, KV cache). ``budget.check()`` runs before
+    every forward.
     """
     kind = spec.kind
-    out: list[list[dict] | None] = [None] * len(items)
-    groups: dict = {}
+    out: list[list[dict | None]] = [[None] * len(it.sets) for it in items]
+    if kind in ("label", "token") or not handle.is_causal_lm or not generate:
+        groups: dict = {}
+        for i, it in enumerate(items):
+            groups.setdefault((int(it.ids.shape[0]), id(it.sources), it.token_type_ids is None), []).append(i)
+        for (n, _, _), members in groups.items():
+            flat = [(i, s) for i in members for s in range(len(items[i].sets))]
+            for c0 in range(0, len(flat), max_rows):
+                chunk = flat[c0:c0 + max_rows]
+                sets = [items[i].sets[s] for i, s in chunk]
+                ids = torch.stack([items[i].ids for i, _ in chunk])
+                src = items[chunk[0][0]].sources
+                budget.check()
+                if kind == "label" or not handle.is_causal_lm:
+                    tti = items[chunk[0][0]].token_type_ids
+                    logits = run_with_interventions(
+                        handle, ids, sets, sources=src, attention_mask=torch.ones_like(ids),
+                        token_type_ids=None if tti is None else torch.stack([items[i].token_type_ids
+                                                                             for i, _ in chunk]))
+                    lp = torch.log_softmax(logits.float(), -1)
+                else:
+                    logits = run_with_interventions(handle, ids, sets, sources=src, logits_from=n - 1)
+                    lp = torch.log_softmax(logits[:, -1].float(), -1)
+                budget.add(1, len(chunk))
+                for r, (i, s) in enumerate(chunk):
+                    k = int(lp[r].argmax())
+                    if kind == "label" or not handle.is_causal_lm:
+                        text = str(id2label.get(k, k)) if id2label else str(k)
+                    else:
+                        text = handle.tokenizer.decode([k])
+                    out[i][s] = {"output": text, "logp": lp[r],
+                                 "failing": (k == target_index) if kind in ("label", "token") else None}
+        return out  # type: ignore[return-value]
+
+    eos = getattr(handle.tokenizer, "eos_token_id", None)
+    need = [i for i, it in enumerate(items) if it.baseline is None]
+    guessed = [i for i in need if items[i].guess is not None and len(items[i].guess) < max_new_tokens]
+    if guessed and eos is not None:  # a guessed continuation + EOS that greedy decoding reproduces IS the baseline
+        tmp = [_Item(items[i].ids, [InterventionSet()], items[i].sources, items[i].token_type_ids,
+                     {"tokens": list(items[i].guess), "eos": True}) for i in guessed]
+        got: list[list[dict | None]] = [[None] for _ in tmp]
+        miss = {j for j, _ in _screen_rows(handle, tmp, [(j, 0) for j in range(len(tmp))], got, eos, budget,
+                                           max_rows)}
+        for j, i in enumerate(guessed):
+            if j not in miss:
+                text = handle.tokenizer.decode(items[i].guess, skip_special_tokens=True)
+                items[i].baseline = {"tokens": list(items[i].guess), "eos": True, "output": text,
+                                     "failing": bool(spec.continuation_fails(text)), "logp": got[j][0]["logp"]}
+        need = [i for i in need if items[i].baseline is None]
+    if need:
+        base = _generate_rows(handle, [(items[i].ids, InterventionSet(), items[i].sources) for i in need], spec,
+                              max_new_tokens, eos, budget, max_rows)
+        for i, b in zip(need, base):
+            items[i].baseline = b
+    screen = []
     for i, it in enumerate(items):
-        groups.setdefault((int(it.ids.shape[0]), id(it.sources), it.token_type_ids is None), []).append(i)
-    eos = getattr(handle.tokenizer, "eos_token_id", None) if handle.tokenizer is not None else None
-    for (n, _, _), members in groups.items():
-        flat = [(i, s) for i in members for s in range(len(items[i].sets))]
-        for c0 in range(0, len(flat), max_rows):
-            chunk = flat[c0:c0 + max_rows]
-            sets = [items[i].sets[s] for i, s in chunk]
-            ids = torch.stack([items[i].ids for i, _ in chunk])
-            src = items[chunk[0][0]].sources
-            res = [dict() for _ in chunk]
-            if kind == "label" or not handle.is_causal_lm:
-                budget.check()
-                tti = items[chunk[0][0]].token_type_ids
-                logits = run_with_interventions(
-                    handle, ids, sets, sources=src, attention_mask=torch.ones_like(ids),
-                    token_type_ids=None if tti is None else torch.stack([items[i].token_type_ids for i, _ in chunk]))
-                budget.add(1, len(chunk))
-                lp = torch.log_softmax(logits.float(), -1)
-                for r in range(len(chunk)):
-                    k = int(lp[r].argmax())
-                    res[r] = {"output": str(id2label.get(k, k)) if id2label else str(k), "failing": k == target_index,
-                              "logp": lp[r]}
-            elif kind == "token" or not generate:
-                budget.check()
-                logits = run_with_interventions(handle, ids, sets, sources=src, logits_from=n - 1)
-                budget.add(1, len(chunk))
-                lp = torch.log_softmax(logits[:, -1].float(), -1)
-                for r in range(len(chunk)):
-                    k = int(lp[r].argmax())
-                    res[r] = {"output": handle.tokenizer.decode([k]), "logp": lp[r],
-                              "failing": (k == target_index) if kind == "token" else None}
-            elif handle.is_causal_lm and all(iv.positions != "all" and max(iv.positions) < n
-                                             for st in sets for iv in st.interventions):
-                new, first = _generate_cached(handle, ids, sets, src, max_new_tokens, eos, budget)
-                for r in range(len(chunk)):
-                    text = handle.tokenizer.decode(new[r], skip_special_tokens=True)
-                    res[r] = {"output": text, "failing": bool(spec.continuation_fails(text)), "logp": first[r]}
+        for s, st in enumerate(it.sets):
+            if not st.interventions:
+                out[i][s] = dict(it.baseline)
             else:
-                cur = ids.clone()
-                rows = len(chunk)
-                done = torch.zeros(rows, dtype=torch.bool)
-                new: list[list[int]] = [[] for _ in range(rows)]
-                first = None
-                for step in range(max_new_tokens):
-                    budget.check()
-                    logits = run_with_interventions(handle, cur, sets, sources=src, logits_from=cur.shape[1] - 1)
-                    budget.add(1, rows)
-                    last = logits[:, -1].float()
-                    if first is None:
-                        first = torch.log_softmax(last, -1)
-                    nxt = last.argmax(-1)
-                    for r in range(rows):
-                        if done[r]:
-                            continue
-                        t = int(nxt[r])
-                        if eos is not None and t == eos:
-                            done[r] = True
-                        else:
-                            new[r].append(t)
-                    if bool(done.all()):
-                        break
-                    fill = torch.where(done, torch.full_like(nxt, eos if eos is not None else 0), nxt)
-                    cur = torch.cat([cur, fill[:, None]], dim=1)
-                for r in range(rows):
-                    text = handle.tokenizer.decode(new[r], skip_special_tokens=True)
-                    res[r] = {"output": text, "failing": bool(spec.continuation_fails(text)), "logp": first[r]}
-            for (i, s), r in zip(chunk, res):
-                if out[i] is None:
-                    out[i] = [None] * len(items[i].sets)
-                out[i][s] = r
+                screen.append((i, s))
+    todo = _screen_rows(handle, items, screen, out, eos, budget, max_rows)
+    alt = [(i, s) for i, s in todo if items[i].alt is not None and len(items[i].alt) < max_new_tokens]
+    if alt and eos is not None:  # a second guess: e.g. the benign output for a row under a fix
+        tmp = {i: _Item(items[i].ids, items[i].sets, items[i].sources, items[i].token_type_ids,
+                        {"tokens": list(items[i].alt), "eos": True}) for i, _ in alt}
+        idx = sorted(tmp)
+        titems = [tmp[i] for i in idx]
+        pos = {i: j for j, i in enumerate(idx)}
+        got: list[list[dict | None]] = [[None] * len(it.sets) for it in titems]
+        miss = set(_screen_rows(handle, titems, [(pos[i], s) for i, s in alt], got, eos, budget, max_rows))
+        text = {i: handle.tokenizer.decode(items[i].alt, skip_special_tokens=True) for i in idx}
+        for i, s in alt:
+            if (pos[i], s) not in miss:
+                out[i][s] = {"tokens": list(items[i].alt), "eos": True, "output": text[i],
+                             "failing": bool(spec.continuation_fails(text[i])), "logp": got[pos[i]][s]["logp"],
+                             "screened": True}
+        todo = [(i, s) for i, s in todo if out[i][s] is None]
+    if todo:
+        gen = _generate_rows(handle, [(items[i].ids, items[i].sets[s], items[i].sources) for i, s in todo], spec,
+                             max_new_tokens, eos, budget, max_rows)
+        for (i, s), g in zip(todo, gen):
+            out[i][s] = g
     return out  # type: ignore[return-value]
+
+
+def _targets(baseline: dict, eos: int | None) -> list[int]:
+    return list(baseline["tokens"]) + ([eos] if baseline["eos"] and eos is not None else [])
+
+
+def _screen_rows(handle: ModelHandle, items: Sequence[_Item], rows: list[tuple[int, int]], out, eos,
+                 budget: "_Budget", max_rows: int) -> list[tuple[int, int]]:
+    """Teacher-force each row on its item's baseline continuation; fill ``out`` for rows that reproduce it and return
+    the rows that do not (they must be generated)."""
+    groups: dict = {}
+    for i, s in rows:
+        tg = _targets(items[i].baseline, eos)
+        if not tg:  # nothing generated and no EOS (max_new_tokens == 0): nothing to reproduce
+            out[i][s] = dict(items[i].baseline)
+            continue
+        groups.setdefault((int(items[i].ids.shape[0]), len(tg), id(items[i].sources)), []).append((i, s))
+    todo: list[tuple[int, int]] = []
+    for _, members in groups.items():
+        members.sort(key=lambda t: (t[0], min(_first_positions([items[t[0]].sets[t[1]]]) or [0])))
+        for c0 in range(0, len(members), max_rows):
+            chunk = members[c0:c0 + max_rows]
+            n = int(items[chunk[0][0]].ids.shape[0])
+            tgs = [_targets(items[i].baseline, eos) for i, _ in chunk]
+            ids = torch.stack([torch.cat([items[i].ids, torch.as_tensor(tg[:-1], dtype=items[i].ids.dtype)])
+                               for (i, _), tg in zip(chunk, tgs)])
+            sets = [items[i].sets[s] for i, s in chunk]
+            P = 0
+            if len({i for i, _ in chunk}) == 1 and handle.is_causal_lm:
+                P = max(0, min(_first_positions(sets) + [n - 1]))
+            budget.check()
+            logits = run_with_interventions(handle, ids, sets, sources=items[chunk[0][0]].sources,
+                                            logits_from=n - 1, prefix=P)
+            budget.add(1 + (P > 0), len(chunk) + (P > 0))
+            pred = logits.argmax(-1)  # [rows, len(tg)]
+            want = torch.as_tensor(tgs)
+            same = (pred == want).all(-1)
+            lp = torch.log_softmax(logits[:, 0].float(), -1)
+            for r, (i, s) in enumerate(chunk):
+                if bool(same[r]):
+                    out[i][s] = {**items[i].baseline, "logp": lp[r], "screened": True}
+                else:
+                    todo.append((i, s))
+    return todo
+
+
+def _generate_rows(handle: ModelHandle, rows: Sequence[tuple], spec, max_new_tokens: int, eos: int | None,
+                   budget: "_Budget", max_rows: int) -> list[dict]:
+    """Greedy continuation of each ``(prompt ids [n], set, sources)`` row: ``{"tokens", "eos", "output", "failing",
+    "logp"}``. Rows of equal length and sources are batched."""
+    res: list[dict | None] = [None] * len(rows)
+    groups: dict = {}
+    for k, (ids, _, src) in enumerate(rows):
+        groups.setdefault((int(ids.shape[0]), id(src)), []).append(k)
+    for (n, _), members in groups.items():
+        for c0 in range(0, len(members), max_rows):
+            chunk = members[c0:c0 + max_rows]
+            ids = torch.stack([rows[k][0] for k in chunk])
+            sets = [rows[k][1] for k in chunk]
+            src = rows[chunk[0]][2]
+            if all(iv.positions != "all" and max(iv.positions) < n for st in sets for iv in st.interventions):
+                new, first, ended = _generate_cached(handle, ids, sets, src, max_new_tokens, eos, budget)
+            else:
+                new, first, ended = _generate_full(handle, ids, sets, src, max_new_tokens, eos, budget)
+            for r, k in enumerate(chunk):
+                text = handle.tokenizer.decode(new[r], skip_special_tokens=True)
+                res[k] = {"tokens": new[r], "eos": ended[r], "output": text,
+                          "failing": bool(spec.continuation_fails(text)), "logp": first[r]}
+    return res  # type: ignore[return-value]
+
+
+def _generate_full(handle: ModelHandle, ids: torch.Tensor, sets, src, max_new_tokens: int, eos, budget):
+    """Greedy generation with a full forward per step (sets with ``positions="all"`` cover new tokens too)."""
+    cur = ids.clone()
+    rows = ids.shape[0]
+    done = torch.zeros(rows, dtype=torch.bool)
+    new: list[list[int]] = [[] for _ in range(rows)]
+    first = None
+    for _ in range(max_new_tokens):
+        budget.check()
+        logits = run_with_interventions(handle, cur, sets, sources=src, logits_from=cur.shape[1] - 1)
+        budget.add(1, rows)
+        last = logits[:, -1].float()
+        if first is None:
+            first = torch.log_softmax(last, -1)
+        nxt = last.argmax(-1)
+        for r in range(rows):
+            if done[r]:
+                continue
+            t = int(nxt[r])
+            if eos is not None and t == eos:
+                done[r] = True
+            else:
+                new[r].append(t)
+        if bool(done.all()):
+            break
+        fill = torch.where(done, torch.full_like(nxt, eos if eos is not None else 0), nxt)
+        cur = torch.cat([cur, fill[:, None]], dim=1)
+    if first is None:
+        first = torch.zeros((rows, 1))
+    return new, first, [bool(d) for d in done]
 
 
 def _generate_cached(handle: ModelHandle, ids: torch.Tensor, sets: Sequence[InterventionSet],
                      sources: ActivationSources | None, max_new_tokens: int, eos: int | None,
-                     budget: _Budget) -> tuple[list[list[int]], torch.Tensor]:
+                     budget: "_Budget") -> tuple[list[list[int]], torch.Tensor, list[bool]]:
     """Greedy continuation of ``ids`` ``[rows, n]`` under ``sets`` (every intervened position < n), with a key/value
     cache: the prompt runs once with the hooks, each new token runs alone on the cache (no intervened position is
     ever recomputed, so this equals the full-recompute generation up to float rounding).
 
     Returns:
-        (new token ids per row, log-probs of the first generated token ``[rows, V]``).
+        (new token ids per row, log-probs of the first generated token ``[rows, V]``, whether each row ended
+        with EOS).
     """
     rows = ids.shape[0]
     by_site: dict = {}
@@ -455,18 +699,30 @@ def _generate_cached(handle: ModelHandle, ids: torch.Tensor, sets: Sequence[Inte
         budget.add(1, rows)
         past = out.past_key_values
         last = out.logits[:, -1].float()
-    return new, first
+    return new, first, [bool(d) for d in done]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The incident: exact teacher-forced evaluation, generation confirmation, attribution
+# The incident: exact teacher-forced evaluation, generation confirmation, attribution, specificity checks
 # ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class _TF:
+    """Teacher-forced outcome of one set on the incident (``metric``: the search metric; ``failing``: metric > 0)."""
+
+    metric: float
+    failing: bool
+
+
 class _Incident:
     """Everything about the bundle's incident the search needs (context, baseline, fix criterion)."""
 
-    def __init__(self, bundle, handle: ModelHandle, op: str, budget: _Budget, margin: float):
+    def __init__(self, bundle, handle: ModelHandle, op: str, budget: "_Budget", margin: float):
         self.bundle, self.handle, self.op, self.budget = bundle, handle, op, budget
         self.ctx: EvalContext = context_from_bundle(bundle, handle)
+        self.means = _Means(bundle, handle, budget)
+        cps = bundle.prompt_sets.get("counterpart") or []
+        self.ctx.sources = _prompt_sources(bundle, handle, cps[0] if cps else None, int(bundle.n_prompt_tokens), {},
+                                           self.means)
         self.kind = bundle.failure.kind
         self.gen_kind = self.kind in ("contains", "wordlist")
         self.n_prompt = int(bundle.n_prompt_tokens)
@@ -474,36 +730,124 @@ class _Incident:
         self.margin = float(margin)
         self.causal = handle.is_causal_lm
         self.id2label = getattr(handle.model.config, "id2label", None) or {}
+        ids = self.ctx.input_ids
+        self.recorded_start = True  # start from the recorded residual stream (the ids are the recorded ones)
+        if self.gen_kind:
+            if self.ctx.probe_ids is not None:  # not failing: probe with the failing text after the prompt
+                full = self.ctx.probe_ids
+                self.recorded_start = False
+            else:
+                full = ids[:int(bundle.target_start) + int(bundle.target_length)]
+            self.targets = full[self.n_prompt:].clone()  # [T] the recorded continuation through the failing span
+            self.tf_ids = full[:-1]
+            self.lf = self.n_prompt - 1
+        elif self.kind == "token":
+            self.tf_ids = ids[:self.n_prompt]
+            self.lf = self.n_prompt - 1
+        else:
+            self.tf_ids = ids
+            self.lf = 0
+        self.recorded_start = self.recorded_start and self.ctx.resid_pre is not None
+        self._resid: dict[int, torch.Tensor] = {}
+        self._benign: list[_Item] | None = None
+        self.cache: dict = {}
+        self.known: dict[str, str] = {}  # prompt -> output recorded or expected in the bundle (baseline guesses)
+        if self.gen_kind:
+            ps = bundle.prompt_sets
+            self.known.update(zip(ps.get("benign_heldout") or [], ps.get("benign_expected") or []))
+            if bundle.has_benign:
+                self.known.update(zip(bundle.benign_prompts, bundle.benign_outputs))
+            self.known[bundle.prompt] = bundle.continuation_text
         base = self.evaluate_tf([InterventionSet()])[0]
         self.baseline_metric = base.metric
         self.baseline_failing_tf = base.failing
-        self._gen_cache: dict = {}
+
+    def guess(self, prompt: str, default: str | None = None) -> list[int] | None:
+        """Token ids of the output the bundle records or expects for ``prompt`` (``default`` otherwise): a guess of
+        its greedy continuation, used only after a teacher-forced forward confirms it."""
+        text = self.known.get(prompt, default)
+        if not self.gen_kind or text is None or self.handle.tokenizer is None:
+            return None
+        return list(self.handle.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # -- the metric ----------------------------------------------------------------------------------------------
+    def _metric(self, logits: torch.Tensor, soft: bool = False) -> torch.Tensor:
+        """Search metric per row from the teacher-forced logits (see the module docstring). ``soft``: a soft minimum
+        over positions (temperature 1 logit), for gradients."""
+        if self.kind == "label":
+            return _margin(logits.float(), self.ctx.target_index)
+        if self.kind == "token":
+            return _margin(logits[:, -1].float(), self.ctx.target_index)
+        lg = logits[:, :self.targets.shape[0]].float()  # [rows, T, V]
+        tgt = self.targets.to(lg.device)[None, :, None].expand(lg.shape[0], -1, 1)
+        own = lg.gather(-1, tgt).squeeze(-1)
+        others = lg.scatter(-1, tgt, float("-inf")).max(-1).values
+        m = own - others  # [rows, T]
+        if soft:
+            return -torch.logsumexp(-m, dim=-1)
+        return m.min(-1).values
+
+    def _resid_at(self, layer: int) -> torch.Tensor:
+        if layer not in self._resid:
+            self._resid[layer] = torch.as_tensor(np.asarray(self.ctx.resid_pre(layer)))[:self.tf_ids.shape[0]]
+        return self._resid[layer]
 
     # -- exact, teacher-forced, batched ------------------------------------------------------------------------
-    def evaluate_tf(self, sets: Sequence[InterventionSet], chunk_size: int = 32):
-        self.budget.check()
-        try:
-            res = evaluate_ids(self.handle, self.ctx, list(sets), chunk_size=chunk_size, start_layer="auto",
-                               generate=False, prefix_reuse=self.causal, cancel=self.budget.cancel)
-        except EvaluationCancelled:
-            raise _Cancelled() from None
-        self.budget.add(res.forward_passes, res.rows)
-        return res.results
+    def evaluate_tf(self, sets: Sequence[InterventionSet], chunk_size: int = MAX_ROWS) -> list[_TF]:
+        """The metric of each set on the incident, teacher-forced (rows of one batch per chunk).
 
-    def fixed_tf(self, r) -> bool:
-        if self.kind in ("label", "token"):
-            return (not r.failing) and r.metric <= -self.margin
-        return (not r.failing) and r.metric <= self.baseline_metric - self.margin
+        Each chunk starts at the lowest block it intervenes on, fed the recorded ``resid_pre`` of that block, and
+        (causal LMs) runs the prompt prefix before the earliest intervened position once for all rows."""
+        h = self.handle
+        sets = list(sets)
+        validate_for(h, sets, int(self.tf_ids.shape[0]) + 1)
+        top = h.n_layers - 1
+        order = list(range(len(sets)))
+        if self.recorded_start:
+            order.sort(key=lambda i: sets[i].min_layer if sets[i].min_layer is not None else top)
+        out: list[_TF | None] = [None] * len(sets)
+        am = self.ctx.attention_mask
+        tt = self.ctx.token_type_ids
+        n = int(self.tf_ids.shape[0])
+        for c0 in range(0, len(order), chunk_size):
+            idx = order[c0:c0 + chunk_size]
+            chunk = [sets[i] for i in idx]
+            self.budget.check()
+            L = 0
+            if self.recorded_start:
+                layers = [s.min_layer for s in chunk if s.min_layer is not None]
+                L = min(layers) if layers else top
+            P = 0
+            if self.causal and self.lf > 0:
+                P = max(0, min(_first_positions(chunk) + [self.lf]))
+            logits = run_with_interventions(
+                h, self.tf_ids[None], chunk, sources=self.ctx.sources, start_layer=L,
+                start_resid=self._resid_at(L) if L > 0 else None,
+                attention_mask=None if am is None or not self.recorded_start else am[None, :n],
+                token_type_ids=None if tt is None else tt[None, :n], logits_from=self.lf, prefix=P)
+            self.budget.add(1 + (P > 0), len(chunk) + (P > 0))
+            m = self._metric(logits)
+            for r, i in enumerate(idx):
+                out[i] = _TF(float(m[r]), bool(m[r] > 0))
+        return out  # type: ignore[return-value]
+
+    def fixed_tf(self, r: _TF) -> bool:
+        return r.metric <= -self.margin
 
     def generate(self, sets: Sequence[InterventionSet]) -> list[dict]:
-        """Greedy continuation of the incident prompt under each set (generation incidents only)."""
-        item_sets = list(sets)
+        """Greedy continuation of the incident prompt under each set (generation incidents only); the recorded
+        continuation is the baseline, the counterpart's recorded / expected output the second guess."""
+        b = self.bundle
         ids = torch.as_tensor(self.prompt_ids, dtype=torch.long)
-        res = _run_items(self.handle, [_Item(ids, item_sets, self.ctx.sources)], self.bundle.failure,
-                         generate=True, max_new_tokens=self.bundle.max_new_tokens, budget=self.budget)[0]
-        return res
+        cont = [int(t) for t in b.continuation_ids]
+        base = {"tokens": cont, "eos": len(cont) < b.max_new_tokens, "output": b.continuation_text,
+                "failing": bool(b.failing), "logp": None}
+        cps = b.prompt_sets.get("counterpart") or []
+        item = _Item(ids, list(sets), self.ctx.sources, None, base, alt=self.guess(cps[0]) if cps else None)
+        return _run_items(self.handle, [item], b.failure, generate=True, max_new_tokens=b.max_new_tokens,
+                          budget=self.budget)[0]
 
-    def fixed(self, sets: Sequence[InterventionSet], tf_results=None) -> tuple[list[bool], list]:
+    def fixed(self, sets: Sequence[InterventionSet], tf_results=None) -> tuple[list[bool], list[_TF]]:
         """Full fix verdict per set: teacher-forced with margin, then (generation incidents) the continuation."""
         tf = tf_results if tf_results is not None else self.evaluate_tf(sets)
         ok = [self.fixed_tf(r) for r in tf]
@@ -515,19 +859,93 @@ class _Incident:
                     ok[i] = not g["failing"]
         return ok, tf
 
-    # -- attribution patching ----------------------------------------------------------------------------------
-    def attribution(self, base: Sequence[Intervention], cands: Sequence[Intervention]) -> np.ndarray:
-        """Estimated change of the failure metric when each candidate is added to ``base`` (one fwd + one bwd).
+    # -- specificity: benign reference prompts, the counterpart ------------------------------------------------
+    def _benign_items(self) -> list[_Item]:
+        if self._benign is None:
+            h = self.handle
+            src = _prompt_sources(self.bundle, h, None, 0, {}, self.means)
+            items = []
+            for p in (self.bundle.benign_prompts if self.bundle.has_benign else []):
+                enc = _encode(h, p)
+                items.append(_Item(enc["input_ids"][0], [], src, _tti(enc), guess=self.guess(p)))
+            if items and self.gen_kind:  # the baselines, once
+                for it in items:
+                    it.sets = [InterventionSet()]
+                _run_items(h, items, self.bundle.failure, generate=True, max_new_tokens=self.bundle.max_new_tokens,
+                           budget=self.budget, target_index=self.ctx.target_index, id2label=self.id2label)
+            elif items:
+                for it in items:
+                    it.sets = [InterventionSet()]
+                base = _run_items(h, items, self.bundle.failure, generate=False,
+                                  max_new_tokens=self.bundle.max_new_tokens, budget=self.budget,
+                                  target_index=self.ctx.target_index, id2label=self.id2label)
+                for it, b in zip(items, base):
+                    it.baseline = b[0]
+            self._benign = items
+        return self._benign
 
-        Returns:
-            ``[len(cands)]`` float64: ``sum_p grad[p] · (replacement[p] − activation[p])`` over the candidate's
-            positions, gradients and activations taken under ``base``.
-        """
+    def benign_changed(self, fixes: Sequence[Sequence[Intervention]]) -> list[int]:
+        """Per set: how many of the bundle's benign *reference* prompts (the mean-ablation data, never the held-out
+        ones) no longer give their unintervened output (generation: the greedy continuation leaves its baseline
+        path; classifier / token: another argmax)."""
+        items = self._benign_items()
+        if not items or not fixes:
+            return [0] * len(fixes)
+        h = self.handle
+        if self.op == "patch":
+            cp = (self.bundle.prompt_sets.get("counterpart") or [None])[0]
+            cache: dict = {}
+            srcs = [_prompt_sources(self.bundle, h, cp, int(it.ids.shape[0]), cache, self.means) for it in items]
+        else:
+            srcs = [it.sources for it in items]
+        work = [_Item(it.ids, [InterventionSet(tuple(_map_set(f, self.prompt_ids, self.n_prompt, it.ids.tolist())))
+                               for f in fixes], src, it.token_type_ids, it.baseline)
+                for it, src in zip(items, srcs)]
+        changed = [0] * len(fixes)
+        if self.gen_kind:
+            rows = [(i, s) for i in range(len(work)) for s in range(len(fixes)) if work[i].sets[s].interventions]
+            out = [[None] * len(fixes) for _ in work]
+            eos = getattr(h.tokenizer, "eos_token_id", None)
+            todo = _screen_rows(h, work, rows, out, eos, self.budget, MAX_ROWS)
+            for _, s in todo:
+                changed[s] += 1
+        else:
+            out = _run_items(h, work, self.bundle.failure, generate=False, max_new_tokens=self.bundle.max_new_tokens,
+                             budget=self.budget, target_index=self.ctx.target_index, id2label=self.id2label)
+            for it, o in zip(work, out):
+                for s in range(len(fixes)):
+                    changed[s] += int(o[s]["output"] != it.baseline["output"])
+        return changed
+
+    def pair_sufficient(self, fixes: Sequence[Sequence[Intervention]]) -> list[bool | None]:
+        """Per set: does writing the failing run's recorded activations at the set's sites into the incident's
+        benign counterpart re-create the failure? ``None`` when the bundle has no counterpart that behaves."""
+        cps = self.bundle.prompt_sets.get("counterpart") or []
+        if not cps or not fixes:
+            return [None] * len(fixes)
+        h = self.handle
+        enc = _encode(h, cps[0])
+        b_ids = enc["input_ids"][0]
+        keys = sorted({(iv.layer, iv.component) for f in fixes for iv in f})
+        acts = {k: _recorded(self.bundle, h, k, self.n_prompt) for k in keys}
+        sets = [InterventionSet(tuple(_transplant(f, self.prompt_ids, self.n_prompt, acts, b_ids.tolist(), h)))
+                for f in fixes]
+        item = _Item(b_ids, [InterventionSet()] + sets, None, _tti(enc), guess=self.guess(cps[0]),
+                     alt=self.guess(self.bundle.prompt))
+        out = _run_items(h, [item], self.bundle.failure, generate=True, max_new_tokens=self.bundle.max_new_tokens,
+                         budget=self.budget, target_index=self.ctx.target_index, id2label=self.id2label)[0]
+        if out[0]["failing"]:
+            return [None] * len(fixes)
+        return [bool(o["failing"]) for o in out[1:]]
+
+    # -- attribution patching ----------------------------------------------------------------------------------
+    def _grad_terms(self, base: Sequence[Intervention], keys: Sequence[tuple[int, str]]) -> dict:
+        """One forward and one backward under ``base``: per site ``grad · (replacement − activation)`` elementwise,
+        ``[n_pos, *site_shape]`` float64 (generation incidents: gradient of the soft minimum of the margins)."""
         self.budget.check()
         h, ctx = self.handle, self.ctx
-        ids = (ctx.input_ids if ctx.probe_ids is None else ctx.probe_ids)[None]
+        ids = self.tf_ids[None]
         n_pos = int(ids.shape[1])
-        keys = sorted({(c.layer, c.component) for c in cands})
         zeros = {k: torch.zeros((1, n_pos, *h.site_shape(k[1])), requires_grad=True) for k in keys}
         acts: dict = {}
         fns: dict = {}
@@ -546,47 +964,95 @@ class _Incident:
                 lst.append(add)
             fns[k] = lst
         kw: dict = {"input_ids": ids}
-        if ctx.probe_ids is None and ctx.attention_mask is not None:
-            kw["attention_mask"] = ctx.attention_mask[None]
-        if ctx.token_type_ids is not None and ctx.probe_ids is None:
-            kw["token_type_ids"] = ctx.token_type_ids[None]
+        if ctx.attention_mask is not None and self.recorded_start:
+            kw["attention_mask"] = ctx.attention_mask[None, :n_pos]
+        if ctx.token_type_ids is not None:
+            kw["token_type_ids"] = ctx.token_type_ids[None, :n_pos]
         with torch.enable_grad(), site_hooks(h, fns):
             logits = h.model(**kw).logits
-            if self.kind == "label":
-                metric = _margin(logits.float(), ctx.target_index).sum()
-            elif self.kind == "token":
-                metric = _margin(logits[:, ctx.n_prompt - 1].float(), ctx.target_index).sum()
-            else:
-                t_start = ctx.target_start if ctx.probe_ids is None else ctx.n_prompt
-                t_len = ctx.target_length if ctx.probe_ids is None else int(ctx.probe_ids.shape[0] - ctx.n_prompt)
-                metric = span_logprob(logits, ids, t_start, t_len).sum()
+            if self.lf:
+                logits = logits[:, self.lf:]
+            metric = self._metric(logits, soft=True).sum()
             order = list(zeros)
             grads = torch.autograd.grad(metric, [zeros[k] for k in order], allow_unused=True)
         self.budget.add(1, 1)
         self.budget.backward += 1
-        grad = {k: (g[0].double() if g is not None else torch.zeros_like(zeros[k][0], dtype=torch.float64))
-                for k, g in zip(order, grads)}
-        est = np.zeros(len(cands))
-        per_site: dict = {}
-        for k in order:
-            a = acts[k][0].double()
+        out: dict = {}
+        for k, g in zip(order, grads):
             shape = h.site_shape(k[1])
+            g = g[0].double() if g is not None else torch.zeros((n_pos, *shape), dtype=torch.float64)
+            a = acts[k][0].double()
             if self.op == "mean":
-                repl = sources.mean(k[0], k[1], n_pos, shape).double()
-                per_site[k] = ((repl - a) * grad[k]).reshape(n_pos, -1).sum(-1)
+                out[k] = (sources.mean(k[0], k[1], n_pos, shape).double() - a) * g
             else:
-                d = torch.zeros(n_pos)
+                d = torch.zeros((n_pos, *shape), dtype=torch.float64)
                 pos, src, _ = sources.donor_positions(list(range(n_pos)), k[0], k[1], shape)
                 if pos:
                     donor = sources.donor(k[0], k[1], shape)[torch.tensor(src)].double()
-                    d = torch.zeros(n_pos, dtype=torch.float64)
-                    d[torch.tensor(pos)] = ((donor - a[pos]) * grad[k][pos]).reshape(len(pos), -1).sum(-1)
-                per_site[k] = d
+                    d[torch.tensor(pos)] = (donor - a[pos]) * g[pos]
+                out[k] = d
+        return out
+
+    def attribution(self, base: Sequence[Intervention], cands: Sequence[Intervention]) -> np.ndarray:
+        """Estimated change of the search metric when each candidate is added to ``base`` (one fwd + one bwd).
+
+        Returns:
+            ``[len(cands)]`` float64: ``sum_p grad[p] · (replacement[p] − activation[p])`` over the candidate's
+            positions, gradients and activations taken under ``base``.
+        """
+        terms = self._grad_terms(base, sorted({(c.layer, c.component) for c in cands}))
+        per_pos = {k: v.reshape(v.shape[0], -1).sum(-1) for k, v in terms.items()}
+        est = np.zeros(len(cands))
         for i, c in enumerate(cands):
-            ps = per_site[(c.layer, c.component)]
-            pos = range(n_pos) if c.positions == "all" else c.positions
-            est[i] = float(sum(float(ps[p]) for p in pos if p < n_pos))
+            ps = per_pos[(c.layer, c.component)]
+            pos = range(ps.shape[0]) if c.positions == "all" else c.positions
+            est[i] = float(sum(float(ps[p]) for p in pos if p < ps.shape[0]))
         return est
+
+    def unit_attribution(self, base: Sequence[Intervention], probe: Intervention) -> np.ndarray:
+        """Per head / neuron of ``probe``'s site: the attribution estimate of mean-ablating that unit alone at
+        ``probe``'s positions (one fwd + one bwd). Returns ``[n_units]``."""
+        key = (probe.layer, probe.component)
+        t = self._grad_terms(base, [key])[key]  # [n_pos, n_units(, d_head)]
+        pos = list(range(t.shape[0])) if probe.positions == "all" else [p for p in probe.positions if p < t.shape[0]]
+        t = t[pos].sum(0)
+        return (t.reshape(t.shape[0], -1).sum(-1)).numpy()
+
+
+def _recorded(bundle, handle: ModelHandle, key: tuple[int, str], n: int) -> torch.Tensor:
+    """The failing run's activation at a site for its first ``n`` positions ``[n, *site_shape]`` (recorded sites read
+    from the bundle; heads / neurons, which are not recorded, captured by one forward of the recorded ids)."""
+    layer, comp = key
+    if comp in bundle.sites:
+        return torch.as_tensor(np.asarray(bundle.activation(layer, comp)))[:n]
+    from .hooks import forward_captured
+    from .replay import bundle_inputs
+
+    enc = {k: v[:, :n] for k, v in bundle_inputs(bundle).items()}
+    with torch.no_grad():
+        _, acts = forward_captured(handle, [key], **enc)
+    return acts[key][0]
+
+
+def _transplant(fix: Sequence[Intervention], f_ids: Sequence[int], n_f: int, acts: Mapping, b_ids: Sequence[int],
+                handle: ModelHandle) -> list[Intervention]:
+    """``set`` interventions writing the failing prompt's activations ``acts[(layer, comp)]`` ``[n_f, ...]`` at
+    the set's sites (mapped to the failing prompt by the position rule) into the benign prompt ``b_ids``."""
+    tr = []
+    for iv in fix:
+        pos = range(n_f) if iv.positions == "all" else iv.positions
+        for p in pos:
+            if p >= n_f:
+                continue
+            q = map_positions([p], f_ids, n_f, b_ids)
+            if not q:
+                continue
+            a = acts[(iv.layer, iv.component)][p]
+            if iv.indices:
+                a = a.reshape(*handle.site_shape(iv.component))[list(iv.indices)]
+            tr.append(Intervention(iv.layer, iv.component, (q[0],), "set", iv.indices,
+                                   values=tuple(float(x) for x in a.reshape(-1))))
+    return tr
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -615,7 +1081,10 @@ def _key(iv: Intervention):
 
 
 def _overlaps(a: Intervention, b: Intervention) -> bool:
-    if (a.layer, a.component) != (b.layer, b.component):
+    la, lb = a.layer, b.layer
+    ca = "attn" if a.component == "head" else "mlp" if a.component == "neuron" else a.component
+    cb = "attn" if b.component == "head" else "mlp" if b.component == "neuron" else b.component
+    if (la, ca) != (lb, cb):
         return False
     if a.positions == "all" or b.positions == "all":
         return True
@@ -647,6 +1116,10 @@ def bundle_sha256(path) -> str:
     return h.hexdigest()
 
 
+def _rank(s: Sequence[Intervention]) -> int:
+    return sum(COMPONENT_RANK.get(iv.component, 2) for iv in s)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Search
 # ----------------------------------------------------------------------------------------------------------------
@@ -662,8 +1135,9 @@ def _cf_prior(cf) -> dict:
 
 def run_cca(bundle, handle: ModelHandle | None = None, *, cf=None, op: str = "mean", beam: int = 1,
             max_size: int = 4, n_controls: int = 200, seed: int = 0, top_m: int = 8, ranking: str = "attribution",
-            margin: float = 1.0, evidence: bool = True, progress: Progress | None = None,
-            on_step: Callable[[dict], None] | None = None, cancel: threading.Event | None = None) -> CCAResult:
+            margin: float = 1.0, evidence: bool = True, refine_units: bool = False, threads: int | None = 1,
+            progress: Progress | None = None, on_step: Callable[[dict], None] | None = None,
+            cancel: threading.Event | None = None) -> CCAResult:
     """Search a 1-minimal fix set for the bundle's incident and measure the evidence for it.
 
     Args:
@@ -671,33 +1145,56 @@ def run_cca(bundle, handle: ModelHandle | None = None, *, cf=None, op: str = "me
         handle: its model (loaded from the bundle when ``None``).
         cf: a CF result (``prior()`` weights the ranking) or ``None``.
         op: ``"mean"`` (benign mean) or ``"patch"`` (counterpart donor).
-        beam: beam width (1 = greedy).
+        beam: beam width (1 = greedy) for sets of two or more elements.
         max_size: largest set searched.
         n_controls: random control sets for the significance test (>= 200 for the issue's criterion).
         seed: seeds the control sets.
-        top_m: candidates evaluated exactly per beam state and step.
-        ranking: ``"attribution"`` (gradient × difference, with the CF prior) or ``"exhaustive"`` (every candidate
-            evaluated at every step: the unranked baseline of the benchmark).
-        margin: fix margin (logit margin for label/token; nats below the recorded span log-prob otherwise).
+        top_m: candidates added per screening round from the ranking, and per beam state and step.
+        ranking: ``"attribution"`` (gradient × difference, with the CF prior), ``"none"`` (the same screening rounds
+            without a ranking: remaining candidates in their listed order) or ``"exhaustive"`` (every candidate
+            evaluated at once: the baseline of the benchmark).
+        margin: fix margin in logits (the failing outcome / recorded continuation beaten by at least this much).
         evidence: compute the evidence (variants, sufficiency, side effects, controls); ``False`` = search only.
+        refine_units: refine ``attn`` / ``mlp`` elements to the fewest heads / neurons that still fix with at least
+            half the whole element's effect (off by default: a smaller set that barely fixes the incident was seen to
+            generalise worse to the held-out variants, see ``docs/cca.md``).
+        threads: intra-op torch threads for the run (see :func:`torch_threads`; ``None`` = torch's setting).
         progress: ``progress(done, total, what)``.
         on_step: called with ``{"stage", "passes", "best_metric", "set_size"}`` at each search step.
         cancel: set it to stop between forward passes: the best result so far is returned with ``partial=True``.
+
+    Example:
+        >>> with open_bundle("gpt2-prompt-injection.h5") as b:          # doctest: +SKIP
+        ...     res = run_cca(b)
+        ...     res.fix_set[0].intervention.describe(), res.flip_rate, res.failed_criteria()
+        ('L0.attn@15:mean', 1.0, [])
     """
     if op not in ("mean", "patch"):
         raise CCAError(f"op must be 'mean' or 'patch', got {op!r}")
     if beam < 1 or max_size < 1 or top_m < 1:
         raise CCAError("beam, max_size and top_m must be >= 1")
-    if ranking not in ("attribution", "exhaustive"):
-        raise CCAError(f"ranking must be 'attribution' or 'exhaustive', got {ranking!r}")
+    if ranking not in ("attribution", "none", "exhaustive"):
+        raise CCAError(f"ranking must be 'attribution', 'none' or 'exhaustive', got {ranking!r}")
+    if not margin > 0:
+        raise CCAError(f"margin must be > 0, got {margin}")
+    if not bundle.failing:
+        raise CCAError("the incident does not fail: there is nothing to fix")
     if handle is None:
         from .replay import load_bundle_model
 
         handle = load_bundle_model(bundle)
+    with torch_threads(threads):
+        return _run_cca(bundle, handle, cf=cf, op=op, beam=beam, max_size=max_size, n_controls=n_controls, seed=seed,
+                        top_m=top_m, ranking=ranking, margin=margin, evidence=evidence, refine_units=refine_units,
+                        progress=progress, on_step=on_step, cancel=cancel)
+
+
+def _run_cca(bundle, handle: ModelHandle, *, cf, op, beam, max_size, n_controls, seed, top_m, ranking, margin,
+             evidence, refine_units, progress, on_step, cancel) -> CCAResult:
     budget = _Budget(cancel)
     trace: list[dict] = []
     total_stages = 7 if evidence else 3
-    state = {"best": (), "best_metric": float("nan"), "found": None, "stage": "baseline"}
+    state = {"best": (), "best_metric": float("nan")}
 
     def step(stage: str, best_metric: float, size: int) -> None:
         d = {"stage": stage, "passes": budget.passes, "best_metric": _num(best_metric), "set_size": size}
@@ -709,78 +1206,47 @@ def run_cca(bundle, handle: ModelHandle | None = None, *, cf=None, op: str = "me
         if progress:
             progress(k, total_stages, what)
 
-    prior = _cf_prior(cf)
-    rank_info: dict = {"method": "attribution patching (grad x (replacement - activation))" +
-                                 (" x (1 + CF prior)" if prior else "") if ranking == "attribution" else
-                                 "exhaustive (no ranking)", "cf_prior": bool(prior), "top_m": top_m}
+    prior = _cf_prior(cf) if ranking == "attribution" else {}
+    rank_info: dict = {"method": {"attribution": "attribution patching (grad x (replacement - activation))" +
+                                                 (" x (1 + CF prior)" if prior else ""),
+                                  "none": "no ranking (screening rounds, candidates in listed order)",
+                                  "exhaustive": "exhaustive (every candidate at once)"}[ranking],
+                       "cf_prior": bool(prior), "top_m": top_m, "metric": _METRIC_DOC}
     inc = None
     try:
         budget.stage = "baseline"
         inc = _Incident(bundle, handle, op, budget, margin)
-        if not bundle.failing:
-            raise CCAError("the incident does not fail: there is nothing to fix")
+        if not inc.baseline_failing_tf:
+            raise CCAError("the recorded failure does not reproduce teacher-forced (search metric "
+                           f"{inc.baseline_metric:.3f} <= 0): the bundle and the model disagree")
         state["best_metric"] = inc.baseline_metric
         step("baseline", inc.baseline_metric, 0)
         cands = candidate_sites(bundle, handle, op)
         rank_info["n_candidates"] = len(cands)
-        prog(0, f"ranking {len(cands)} candidate sites")
+        prog(0, f"screening {len(cands)} candidate sites")
         budget.stage = "search"
-        beams: list[tuple[tuple[Intervention, ...], float]] = [((), inc.baseline_metric)]
-        found = None
-        for size in range(1, max_size + 1):
-            ext: list[tuple[Intervention, ...]] = []
-            seen = set()
-            for base, _ in beams:
-                pool = [c for c in cands if not any(_overlaps(c, b) for b in base)]
-                if ranking == "attribution":
-                    est = inc.attribution(base, pool)
-                    w = np.array([prior.get((c.layer, c.component), 0.0) for c in pool])
-                    score = est * (1.0 + w)
-                    order = np.argsort(score, kind="stable")[:top_m]
-                    if size == 1:
-                        rank_info["_est"] = est
-                        rank_info["_pool"] = pool
-                    chosen = [pool[i] for i in order]
-                else:
-                    chosen = pool
-                for c in chosen:
-                    s = tuple(sorted(base + (c,), key=_key))
-                    if s not in seen:
-                        seen.add(s)
-                        ext.append(s)
-            sets = [InterventionSet(s) for s in ext]
-            tf = inc.evaluate_tf(sets)
-            if size == 1 and ranking == "attribution":
-                pool = rank_info.pop("_pool")
-                est = rank_info.pop("_est")
-                idx = {_key(c): i for i, c in enumerate(pool)}
-                pairs = [(est[idx[_key(s[0])]], r.metric - inc.baseline_metric) for s, r in zip(ext, tf)]
-                rank_info["spearman_vs_exact"] = stats.spearman([a for a, _ in pairs], [b for _, b in pairs])
-                rank_info["spearman_n"] = len(pairs)
-                rank_info["spearman_scope"] = "top_m candidates evaluated exactly at step 1"
-            if size == 1 and ranking == "exhaustive":
-                rank_info["exact_single"] = [{"site": s[0].describe(), "delta": r.metric - inc.baseline_metric}
-                                             for s, r in zip(ext, tf)]
-            order = sorted(range(len(ext)), key=lambda i: tf[i].metric)
-            beams = [(ext[i], tf[i].metric) for i in order[:beam]]
-            state["best"], state["best_metric"] = beams[0]
-            step("search", beams[0][1], size)
-            # confirm: the best few teacher-forced fixes, in metric order
-            cand_fix = [i for i in order if inc.fixed_tf(tf[i])][:max(beam, 4)]
-            if cand_fix:
-                ok, _ = inc.fixed([sets[i] for i in cand_fix], [tf[i] for i in cand_fix])
-                good = [cand_fix[j] for j, v in enumerate(ok) if v]
-                if good:
-                    found = ext[good[0]]
-                    state["best"], state["best_metric"] = found, tf[good[0]].metric
-                    state["found"] = found
-                    step("confirm", tf[good[0]].metric, len(found))
-                    break
-            prog(1, f"search: size {size}, best metric {beams[0][1]:.3f}")
+        chooser = _Chooser(inc)
+        srch = _Search(inc, cands, prior, ranking, top_m, chooser, budget, state, step, rank_info)
+        srch.size1()
+        found = chooser.best()
+        size = 1
+        beams = srch.best_singles(beam)
+        while found is None and size < max_size and beams:
+            size += 1
+            prog(1, f"search: size {size}")
+            beams = srch.extend(beams, beam)
+            found = chooser.best()
+        rank_info["selection"] = chooser.table()
+        rank_info["rounds"] = srch.rounds
+        if found is not None:
+            fix = list(found["set"])
+            state["best"], state["best_metric"] = tuple(fix), found["metric"]
+            step("confirm", found["metric"], len(fix))
+        else:
+            fix = list(state["best"])
         # prune to 1-minimal
         budget.stage = "prune"
         prog(2, "pruning to a 1-minimal set")
-        fix = list(found) if found is not None else list(state["best"])
         if found is not None:
             while len(fix) > 1:
                 drops = [InterventionSet(tuple(fix[:i] + fix[i + 1:])) for i in range(len(fix))]
@@ -792,15 +1258,18 @@ def run_cca(bundle, handle: ModelHandle | None = None, *, cf=None, op: str = "me
                 fix.pop(j)
                 state["best"] = tuple(fix)
                 step("prune", tf[j].metric, len(fix))
-            fix = _refine(inc, fix, step)
+            budget.stage = "refine"
+            fix = _refine(inc, fix, step, state)
+            if refine_units:
+                fix = _refine_units(inc, fix, step, state, rank_info)
         state["best"] = tuple(fix)
-        search_passes = budget.passes
-        search_rows = budget.rows
-        search_seconds = time.perf_counter() - budget.t0
-        rank_info["search_passes"] = search_passes
-        rank_info["search_rows"] = search_rows
-        rank_info["search_seconds"] = search_seconds
+        rank_info["search_passes"] = budget.passes
+        rank_info["search_rows"] = budget.rows
+        rank_info["search_seconds"] = time.perf_counter() - budget.t0
         rank_info["backward_passes"] = budget.backward
+        rank_info["search_passes_by_stage"] = dict(budget.by_stage)
+        rank_info["search_rows_by_stage"] = dict(budget.rows_by_stage)
+        rank_info["candidates_evaluated"] = len(srch.evaluated)
         res = _evidence(bundle, handle, inc, fix, budget, n_controls=n_controls, seed=seed, evidence=evidence,
                         progress=(lambda k, what: prog(3 + k, what)), trace=trace, ranking=rank_info)
         step("done", res.fixed_metric, len(fix))
@@ -810,7 +1279,191 @@ def run_cca(bundle, handle: ModelHandle | None = None, *, cf=None, op: str = "me
         return _partial(bundle, handle, inc, list(state["best"]), state["best_metric"], budget, trace, rank_info, op)
 
 
-def _refine(inc: _Incident, fix: list[Intervention], step) -> list[Intervention]:
+_METRIC_DOC = ("label/token: logit margin of the failing outcome over the best other; contains/wordlist: smallest "
+               "logit margin of the recorded continuation's tokens (first generated token through the end of the "
+               "failing span) over their best competitor, teacher-forced; > 0 iff the incident still fails "
+               "teacher-forced")
+
+
+def _skey(s: Sequence[Intervention]) -> tuple:
+    return tuple(_key(iv) for iv in s)
+
+
+class _Chooser:
+    """Collects sets that fix the incident teacher-forced and finds the most *specific* confirmed one.
+
+    Key, smallest first: benign reference outputs changed, not sufficient on the counterpart, component rank,
+    metric. The checks (generation, counterpart, benign reference prompts) run lazily, a few sets at a time in order
+    of (component rank, metric): once a confirmed set changes no benign reference output and is sufficient, no set
+    later in that order can beat it, and those are not checked."""
+
+    def __init__(self, inc: _Incident):
+        self.inc = inc
+        self.rows: dict = {}
+
+    @staticmethod
+    def _perfect(r: dict) -> bool:
+        return bool(r.get("confirmed")) and r["benign_reference_changed"] == 0 and \
+            r["sufficient_on_counterpart"] is not False
+
+    def consider(self, fixes: list[tuple[tuple[Intervention, ...], float]]) -> None:
+        inc = self.inc
+        new = [(s, m) for s, m in fixes if _skey(s) not in self.rows]
+        new.sort(key=lambda t: (_rank(t[0]), t[1]))
+        for b0 in range(0, len(new), 4):
+            batch = new[b0:b0 + 4]
+            best = self.best()
+            if best is not None and self._perfect(best) and \
+                    (best["component_rank"], best["metric"]) <= (_rank(batch[0][0]), batch[0][1]):
+                for s, m in new[b0:]:
+                    self.rows[_skey(s)] = {"set": s, "metric": m, "component_rank": _rank(s), "confirmed": None}
+                return
+            sets = [InterventionSet(s) for s, _ in batch]
+            ok, _ = inc.fixed(sets, [_TF(m, m > 0) for _, m in batch])
+            conf = [t for t, v in zip(batch, ok) if v]
+            suff = inc.pair_sufficient([s for s, _ in conf]) if conf else []
+            changed = inc.benign_changed([s for s, _ in conf]) if conf else []
+            cm = {_skey(s): (su, c) for (s, _), su, c in zip(conf, suff, changed)}
+            for s, m in batch:
+                k = _skey(s)
+                r = {"set": s, "metric": m, "component_rank": _rank(s), "confirmed": k in cm}
+                if k in cm:
+                    r["sufficient_on_counterpart"], r["benign_reference_changed"] = cm[k]
+                self.rows[k] = r
+
+    @staticmethod
+    def _order(r: dict):
+        return (r["benign_reference_changed"], 0 if r["sufficient_on_counterpart"] is not False else 1,
+                r["component_rank"], r["metric"])
+
+    def best(self) -> dict | None:
+        conf = [r for r in self.rows.values() if r.get("confirmed")]
+        return min(conf, key=self._order) if conf else None
+
+    def clean(self) -> bool:
+        """Whether a confirmed set exists that is sufficient (or there is no counterpart) and changes at most the
+        side-effect target's share of the benign reference outputs."""
+        n_ref = len(self.inc._benign_items())
+        return any(r.get("confirmed") and r["sufficient_on_counterpart"] is not False and
+                   r["benign_reference_changed"] <= TARGETS["side_effect_rate"] * n_ref for r in self.rows.values())
+
+    def table(self) -> list[dict]:
+        n_ref = len(self.inc._benign) if self.inc._benign is not None else None
+        conf = sorted((r for r in self.rows.values() if r.get("confirmed")), key=self._order)
+        rest = sorted((r for r in self.rows.values() if not r.get("confirmed")),
+                      key=lambda r: (r["confirmed"] is None, r["component_rank"], r["metric"]))
+        out = []
+        for r in conf + rest:
+            d = {"set": [iv.describe() for iv in r["set"]], "metric": r["metric"],
+                 "component_rank": r["component_rank"],
+                 "confirmed": r["confirmed"]}  # None: not checked (a set that cannot be beaten came first)
+            if r.get("confirmed"):
+                d.update(benign_reference_changed=r["benign_reference_changed"], n_benign_reference=n_ref,
+                         sufficient_on_counterpart=r["sufficient_on_counterpart"])
+            out.append(d)
+        return out
+
+
+class _Search:
+    """The exact search for fixing sets (see the module docstring, step 4)."""
+
+    def __init__(self, inc: _Incident, cands, prior, ranking, top_m, chooser: _Chooser, budget, state, step,
+                 info: dict):
+        self.inc, self.cands, self.prior, self.ranking, self.top_m = inc, cands, prior, ranking, top_m
+        self.chooser, self.budget, self.state, self.step, self.info = chooser, budget, state, step, info
+        self.evaluated: dict = {}  # key of set -> (set, metric)
+        self.rounds: list[dict] = []
+        self.dec = inc.n_prompt - 1 if inc.causal else 0
+        self.hot: list[int] = []
+
+    def _score(self, base: Sequence[Intervention], pool: list[Intervention]):
+        est = self.inc.attribution(base, pool)
+        w = np.array([self.prior.get((c.layer, c.component), 0.0) for c in pool])
+        return est * (1.0 + w), est
+
+    def _round(self, name: str, sets: list[tuple[Intervention, ...]]) -> None:
+        sets = [s for s in sets if _skey(s) not in self.evaluated]
+        if not sets:
+            return
+        self.budget.stage = "search"
+        tf = self.inc.evaluate_tf([InterventionSet(s) for s in sets])
+        for s, r in zip(sets, tf):
+            self.evaluated[_skey(s)] = (s, r.metric)
+        best = min(self.evaluated.values(), key=lambda t: t[1])
+        if not self.state["best"] or best[1] < self.state["best_metric"]:
+            self.state["best"], self.state["best_metric"] = best
+        fixing = [(s, r.metric) for s, r in zip(sets, tf) if self.inc.fixed_tf(r)]
+        self.budget.stage = "select"
+        self.chooser.consider(fixing)
+        self.budget.stage = "search"
+        self.rounds.append({"round": name, "evaluated": len(sets), "fixing_teacher_forced": len(fixing),
+                            "passes": self.budget.passes, "rows": self.budget.rows})
+        self.step("search", self.state["best_metric"], len(sets[0]))
+
+    def size1(self) -> None:
+        inc, cands = self.inc, self.cands
+        if self.ranking == "exhaustive":
+            self._round("every candidate", [(c,) for c in cands])
+            return
+        order = list(range(len(cands)))
+        est = None
+        if self.ranking == "attribution":
+            score, est = self._score((), cands)
+            order = [int(i) for i in np.argsort(score, kind="stable")]
+        top = [(cands[i],) for i in order[:self.top_m]] if self.ranking == "attribution" else []
+        dec = [(c,) for c in cands if c.positions == (self.dec,)]
+        self._round("decision position" + (f" + top {self.top_m} ranked" if top else ""), dec + top)
+        if not self.chooser.clean():
+            tok = [(c,) for c in cands if c.layer == 0 and c.component == "resid_pre" and len(c.positions) == 1]
+            self._round("token ablations (L0 resid_pre at every position)", tok)
+            drops = sorted((self.evaluated[_skey(s)][1], s[0].positions[0]) for s in tok
+                           if s[0].positions[0] != self.dec and _skey(s) in self.evaluated)
+            self.hot = [p for m, p in drops if m <= inc.baseline_metric - inc.margin][:3]
+            if self.hot and not self.chooser.clean():
+                self._round(f"hot positions {self.hot}", [(c,) for c in cands if c.positions != "all" and
+                                                          len(c.positions) == 1 and c.positions[0] in self.hot])
+        k = self.top_m
+        while not self.chooser.clean():
+            rest = [(cands[i],) for i in order if _skey((cands[i],)) not in self.evaluated]
+            if not rest:
+                break
+            self._round(f"next {min(k, len(rest))} " + ("ranked" if est is not None else "listed"), rest[:k])
+            k *= 2
+        if est is not None:
+            ex = [(float(est[i]), self.evaluated[_skey((c,))][1] - inc.baseline_metric)
+                  for i, c in enumerate(cands) if _skey((c,)) in self.evaluated]
+            self.info["spearman_vs_exact"] = stats.spearman([a for a, _ in ex], [b for _, b in ex])
+            self.info["spearman_n"] = len(ex)
+            self.info["spearman_scope"] = "every single site evaluated exactly during the search"
+
+    def best_singles(self, beam: int) -> list[tuple[tuple[Intervention, ...], float]]:
+        return sorted(self.evaluated.values(), key=lambda t: t[1])[:beam]
+
+    def extend(self, beams, beam: int):
+        """One beam step: each state extended by its ``top_m`` ranked candidates and the decision / hot position
+        sites, every extension evaluated exactly."""
+        ext: list[tuple[Intervention, ...]] = []
+        seen = set()
+        for base, _ in beams:
+            pool = [c for c in self.cands if not any(_overlaps(c, b) for b in base)]
+            if self.ranking == "exhaustive":
+                chosen = pool
+            else:
+                chosen = [c for c in pool if c.positions != "all" and len(c.positions) == 1 and
+                          c.positions[0] in [self.dec] + self.hot]
+                if self.ranking == "attribution":
+                    score, _ = self._score(base, pool)
+                    chosen += [pool[i] for i in np.argsort(score, kind="stable")[:self.top_m]]
+            for c in chosen:
+                s = tuple(sorted(base + (c,), key=_key))
+                if s not in seen:
+                    seen.add(s)
+                    ext.append(s)
+        self._round(f"size {len(beams[0][0]) + 1} extensions", ext)
+        return sorted((self.evaluated[_skey(s)] for s in ext), key=lambda t: t[1])[:beam]
+
+
+def _refine(inc: _Incident, fix: list[Intervention], step, state) -> list[Intervention]:
     """Shrink position groups: replace a multi-position element by the smallest fixing subset of its positions
     (each single position, then each pair), evaluated exactly; keeps the element when no subset fixes."""
     fix = list(fix)
@@ -822,7 +1475,7 @@ def _refine(inc: _Incident, fix: list[Intervention], step) -> list[Intervention]
         for size in (1, 2):
             if size >= len(pos):
                 break
-            subs = [c for c in _combinations(pos, size)]
+            subs = list(itertools.combinations(pos, size))
             trial = [Intervention(iv.layer, iv.component, c, iv.op, iv.indices, iv.value, iv.values) for c in subs]
             sets = [InterventionSet(tuple(fix[:i] + [t] + fix[i + 1:])) for t in trial]
             ok, tf = inc.fixed(sets)
@@ -830,15 +1483,84 @@ def _refine(inc: _Incident, fix: list[Intervention], step) -> list[Intervention]
             if good:
                 k = min(good, key=lambda k: tf[k].metric)
                 fix[i] = trial[k]
+                state["best"] = tuple(fix)
                 step("refine", tf[k].metric, len(fix))
                 break
     return fix
 
 
-def _combinations(pos, k):
-    import itertools
-
-    return list(itertools.combinations(pos, k))
+def _refine_units(inc: _Incident, fix: list[Intervention], step, state, info: dict) -> list[Intervention]:
+    """Refine each whole ``attn`` element to attention heads and each whole ``mlp`` element to MLP neurons: the
+    fewest units (taken in order of their exact single-head effect / attribution estimate) whose mean-ablation still
+    fixes the incident (generated) with a metric at most half the whole set's (so at least half its effect
+    remains), pruned to 1-minimal for heads. An element is kept whole when no proper subset qualifies."""
+    if inc.op != "mean":
+        return fix
+    h = inc.handle
+    fix = list(fix)
+    notes = []
+    for i in range(len(fix)):
+        iv = fix[i]
+        if iv.indices or iv.component not in ("attn", "mlp") or iv.positions == "all":
+            continue
+        rest = fix[:i] + fix[i + 1:]
+        whole = inc.evaluate_tf([InterventionSet(tuple(fix))])[0].metric
+        bar = min(-inc.margin, 0.5 * whole)
+        unit = "head" if iv.component == "attn" else "neuron"
+        inc.means.ensure(unit)
+        n_units = h.n_heads if unit == "head" else h.d_mlp
+        if unit == "head":
+            singles = [Intervention(iv.layer, "head", iv.positions, "mean", (u,)) for u in range(n_units)]
+            tf = inc.evaluate_tf([InterventionSet(tuple(rest + [s])) for s in singles])
+            order = sorted(range(n_units), key=lambda u: tf[u].metric)
+            sizes = list(range(1, n_units))
+        else:
+            probe = Intervention(iv.layer, "neuron", iv.positions, "mean", tuple(range(n_units)))
+            est = inc.unit_attribution(rest, probe)
+            order = [int(u) for u in np.argsort(est, kind="stable")]
+            sizes = []
+            k = 1
+            while k < n_units // 2:
+                sizes.append(k)
+                k *= 2
+        trial = [Intervention(iv.layer, unit, iv.positions, "mean", tuple(order[:k])) for k in sizes]
+        if not trial:
+            continue
+        sets = [InterventionSet(tuple(rest + [t])) for t in trial]
+        tf = inc.evaluate_tf(sets)
+        cand = [k for k in range(len(trial)) if tf[k].metric <= bar]
+        chosen = None
+        for start in range(0, len(cand), 4):  # confirm the smallest ones first, a few per generation batch
+            part = cand[start:start + 4]
+            ok, _ = inc.fixed([sets[k] for k in part], [tf[k] for k in part])
+            good = [k for k, v in zip(part, ok) if v]
+            if good:
+                chosen = min(good)
+                break
+        if chosen is None:
+            notes.append({"element": iv.describe(), "refined": None, "tried_sizes": sizes, "bar": bar})
+            continue
+        new = trial[chosen]
+        if unit == "head" and len(new.indices) > 1:  # 1-minimal within the element
+            units = list(new.indices)
+            while len(units) > 1:
+                drops = [Intervention(iv.layer, unit, iv.positions, "mean", tuple(units[:j] + units[j + 1:]))
+                         for j in range(len(units))]
+                ok, tf2 = inc.fixed([InterventionSet(tuple(rest + [d])) for d in drops])
+                keep = [j for j, v in enumerate(ok) if v and tf2[j].metric <= bar]
+                if not keep:
+                    break
+                units.pop(min(keep, key=lambda j: tf2[j].metric))
+            new = Intervention(iv.layer, unit, iv.positions, "mean", tuple(units))
+        fix[i] = new
+        state["best"] = tuple(fix)
+        m = inc.evaluate_tf([InterventionSet(tuple(fix))])[0].metric
+        step("refine_units", m, len(fix))
+        notes.append({"element": iv.describe(), "refined": new.describe(), "tried_sizes": sizes, "bar": bar,
+                      "whole_metric": whole, "refined_metric": m})
+    if notes:
+        info["unit_refinement"] = notes
+    return fix
 
 
 def _partial(bundle, handle, inc, fix, best_metric, budget, trace, rank_info, op) -> CCAResult:
@@ -861,10 +1583,11 @@ def _partial(bundle, handle, inc, fix, best_metric, budget, trace, rank_info, op
 # ----------------------------------------------------------------------------------------------------------------
 def evaluate_fix_set(bundle, handle: ModelHandle | None, interventions: Sequence[Intervention], *,
                      n_controls: int = 200, seed: int = 0, margin: float = 1.0, progress: Progress | None = None,
-                     cancel: threading.Event | None = None) -> CCAResult:
+                     cancel: threading.Event | None = None, threads: int | None = 1) -> CCAResult:
     """All the evidence for a given set (the GUI's accept/reject re-evaluation; certificate verification).
 
-    Returns a :class:`CCAResult`; when cancelled, ``partial=True`` with what was measured before.
+    Returns a :class:`CCAResult`; when cancelled, ``partial=True`` with what was measured before. ``threads``: as
+    in :func:`run_cca`.
     """
     ivs = [iv if isinstance(iv, Intervention) else Intervention.from_dict(iv) for iv in interventions]
     if not ivs:
@@ -879,10 +1602,11 @@ def evaluate_fix_set(bundle, handle: ModelHandle | None, interventions: Sequence
     inc = None
     trace: list[dict] = []
     try:
-        inc = _Incident(bundle, handle, op if op in ("mean", "patch") else "mean", budget, margin)
-        return _evidence(bundle, handle, inc, ivs, budget, n_controls=n_controls, seed=seed, evidence=True,
-                         progress=(lambda k, what: progress(k, 4, what)) if progress else None, trace=trace,
-                         ranking={"method": "given set"})
+        with torch_threads(threads):
+            inc = _Incident(bundle, handle, op if op in ("mean", "patch") else "mean", budget, margin)
+            return _evidence(bundle, handle, inc, ivs, budget, n_controls=n_controls, seed=seed, evidence=True,
+                             progress=(lambda k, what: progress(k, 4, what)) if progress else None, trace=trace,
+                             ranking={"method": "given set", "metric": _METRIC_DOC})
     except _Cancelled:
         return _partial(bundle, handle, inc, ivs, float("nan") if inc is None else inc.baseline_metric, budget,
                         trace, {"method": "given set"}, op)
@@ -890,7 +1614,6 @@ def evaluate_fix_set(bundle, handle: ModelHandle | None, interventions: Sequence
 
 def _evidence(bundle, handle: ModelHandle, inc: _Incident, fix: list[Intervention], budget: _Budget, *,
               n_controls: int, seed: int, evidence: bool, progress, trace: list, ranking: dict) -> CCAResult:
-    spec = bundle.failure
     nan = float("nan")
     S = InterventionSet(tuple(fix))
     # -- the set on the incident: fixed?, drop-one, singles -------------------------------------------------------
@@ -907,7 +1630,9 @@ def _evidence(bundle, handle: ModelHandle, inc: _Incident, fix: list[Interventio
         elements.append(FixElement(iv, d_tf.metric, not d_ok, single))
     one_minimal = bool(flipped and all(e.drop_one_failing for e in elements))
     fraction = fraction_touched(bundle, handle, fix)
-    ev: dict = {"incident": {"baseline_metric": inc.baseline_metric, "fixed_metric": tf[0].metric}}
+    ev: dict = {"incident": {"baseline_metric": inc.baseline_metric, "fixed_metric": tf[0].metric,
+                             "metric": _METRIC_DOC, "margin": inc.margin,
+                             "recorded_failure_metric": _num(getattr(bundle, "failure_metric", None))}}
     if inc.gen_kind:
         g = inc.generate([InterventionSet(), S])
         ev["incident"].update(baseline_output=g[0]["output"], fixed_output=g[1]["output"])
@@ -920,7 +1645,7 @@ def _evidence(bundle, handle: ModelHandle, inc: _Incident, fix: list[Interventio
         op=fix[0].op if fix else "mean", evidence=ev)
     try:
         res.bundle_sha256 = bundle_sha256(bundle.path)
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):
         res.bundle_sha256 = ""
     try:
         if evidence:
@@ -936,9 +1661,16 @@ def _evidence(bundle, handle: ModelHandle, inc: _Incident, fix: list[Interventio
     res.seconds = time.perf_counter() - budget.t0
     budget.stage = "end"
     res.evidence["passes_by_stage"] = dict(budget.by_stage)
+    res.evidence["rows_by_stage"] = dict(budget.rows_by_stage)
     res.evidence["seconds_by_stage"] = {k: round(v, 3) for k, v in budget.sec_by_stage.items() if k}
     res.criteria = _criteria(res)
     return res
+
+
+def _sources_for(bundle, handle, inc: _Incident, fix, donor: str | None, n: int, cache: dict, shared):
+    if shared is not None and not any(iv.op == "patch" for iv in fix):
+        return shared
+    return _prompt_sources(bundle, handle, donor, n, cache, inc.means)
 
 
 def _variant_evidence(bundle, handle, inc: _Incident, fix, budget, res: CCAResult, progress) -> None:
@@ -947,38 +1679,63 @@ def _variant_evidence(bundle, handle, inc: _Incident, fix, budget, res: CCAResul
         progress(0, "flip rate on held-out variants")
     variants = bundle.prompt_sets.get("variants") or []
     vcps = bundle.prompt_sets.get("variant_counterparts") or []
-    donor_cache: dict = {}
-    shared = _prompt_sources(bundle, handle, None, 0, donor_cache) if fix[0].op != "patch" else None
+    cp = (bundle.prompt_sets.get("counterpart") or [None])[0]
+    cache: dict = {}
+    shared = _prompt_sources(bundle, handle, None, 0, cache, inc.means)
     items = []
     for i, v in enumerate(variants):
         enc = _encode(handle, v)
         ids = enc["input_ids"][0]
         mapped = _map_set(fix, inc.prompt_ids, inc.n_prompt, ids.tolist())
-        if shared is not None:
-            src = shared
-        else:
-            donor = vcps[i] if i < len(vcps) else (bundle.prompt_sets.get("counterpart") or [None])[0]
-            src = _prompt_sources(bundle, handle, donor, int(ids.shape[0]), donor_cache)
-        items.append(_Item(ids, [InterventionSet(), InterventionSet(tuple(mapped))], src,
-                           enc.get("token_type_ids", [None])[0] if "token_type_ids" in enc else None))
+        src = _sources_for(bundle, handle, inc, fix, vcps[i] if i < len(vcps) else cp, int(ids.shape[0]), cache,
+                           shared)
+        items.append(_Item(ids, [InterventionSet(), InterventionSet(tuple(mapped))], src, _tti(enc),
+                           guess=inc.guess(v, bundle.continuation_text),
+                           alt=inc.guess(vcps[i]) if i < len(vcps) else None))
     out = _run_items(handle, items, bundle.failure, generate=True, max_new_tokens=bundle.max_new_tokens,
                      budget=budget, target_index=bundle.target_index, id2label=inc.id2label)
     fail_idx = [i for i, o in enumerate(out) if o[0]["failing"]]
-    fails = [out[i] for i in fail_idx]
-    flipped = [o for o in fails if not o[1]["failing"]]
-    n = len(fails)
+    flips = {i: not out[i][1]["failing"] for i in fail_idx}
+    n = len(fail_idx)
+    k = sum(flips.values())
     res.n_variants = n
-    res.flip_rate = len(flipped) / n if n else nan
-    res.flip_rate_ci = stats.wilson_interval(len(flipped), n)
-    res.evidence["variants"] = {"n_prompts": len(variants), "n_failing_baseline": n, "n_flipped": len(flipped),
-                                "failing_indices": fail_idx,
-                                "position_rule": "same token nearest to the end-aligned position, else end-aligned"}
+    res.flip_rate = k / n if n else float("nan")
+    res.flip_rate_ci = stats.wilson_interval(k, n)
+    for it, o in zip(items, out):
+        if it.baseline is None:
+            it.baseline = o[0]
+    inc.cache["variants"] = {"items": items, "fail_idx": fail_idx, "flips": flips}
+    res.evidence["variants"] = {
+        "n_prompts": len(variants), "n_failing_baseline": n, "n_flipped": k, "failing_indices": fail_idx,
+        "not_flipped": [{"index": i, "prompt": variants[i], "output": out[i][1]["output"]}
+                        for i in fail_idx if not flips[i]],
+        "position_rule": "same token nearest to the end-aligned position, else end-aligned"}
+
+
+@torch.no_grad()
+def _capture_batched(handle: ModelHandle, texts: Sequence[str], keys, budget: _Budget) -> list[tuple[list[int], dict]]:
+    """Per text: (its token ids, ``{site: activation [n, *shape]}``), prompts of equal length run as one batch."""
+    from .hooks import forward_captured
+
+    encs = [_encode(handle, t) for t in texts]
+    out: list = [None] * len(texts)
+    groups: dict = {}
+    for i, e in enumerate(encs):
+        groups.setdefault(int(e["input_ids"].shape[1]), []).append(i)
+    for members in groups.values():
+        for c0 in range(0, len(members), MAX_ROWS):
+            part = members[c0:c0 + MAX_ROWS]
+            enc = {k: torch.cat([encs[i][k] for i in part]) for k in encs[part[0]]}
+            budget.check()
+            _, cap = forward_captured(handle, list(keys), **enc)
+            budget.add(1, len(part))
+            for r, i in enumerate(part):
+                out[i] = (encs[i]["input_ids"][0].tolist(), {k: v[r] for k, v in cap.items()})
+    return out
 
 
 def _sufficiency_evidence(bundle, handle, inc: _Incident, fix, budget, res: CCAResult, progress) -> None:
     """Transplant the failing run's activations at the set's sites into its benign counterpart (op ``set``)."""
-    from .hooks import forward_captured
-
     budget.stage = "sufficiency"
     if progress:
         progress(1, "sufficiency: failing activations into benign counterparts")
@@ -989,35 +1746,24 @@ def _sufficiency_evidence(bundle, handle, inc: _Incident, fix, budget, res: CCAR
     for v, c in zip(bundle.prompt_sets.get("variants") or [], bundle.prompt_sets.get("variant_counterparts") or []):
         pairs.append((v, c, False))
     keys = sorted({(iv.layer, iv.component) for iv in fix})
+    caps = _capture_batched(handle, [f for f, _, inc_pair in pairs if not inc_pair], keys, budget)
     items = []
-    for fail_text, benign_text, is_incident in pairs:
-        f_ids = inc.prompt_ids if is_incident else _encode(handle, fail_text)["input_ids"][0].tolist()
-        n_f = len(f_ids)
+    var_items = (inc.cache.get("variants") or {}).get("items") or []
+    for n_pair, (fail_text, benign_text, is_incident) in enumerate(pairs):
+        vi = n_pair - (1 if cps else 0)
+        fb = var_items[vi].baseline if not is_incident and 0 <= vi < len(var_items) else None
+        alt = inc.guess(bundle.prompt) if is_incident else (list(fb["tokens"]) if fb and fb.get("eos") else None)
+        if is_incident:
+            f_ids = inc.prompt_ids
+            acts = {k: _recorded(bundle, handle, k, inc.n_prompt) for k in keys}
+        else:
+            f_ids, acts = caps[vi]
         enc_b = _encode(handle, benign_text)
         b_ids = enc_b["input_ids"][0]
-        if is_incident:
-            acts = {k: torch.as_tensor(np.asarray(bundle.activation(k[0], k[1])))[:n_f] for k in keys}
-        else:
-            budget.check()
-            with torch.no_grad():
-                _, cap = forward_captured(handle, keys, **_encode(handle, fail_text))
-            budget.add(1, 1)
-            acts = {k: v[0] for k, v in cap.items()}
         f_fix = _map_set(fix, inc.prompt_ids, inc.n_prompt, f_ids)  # the set's sites in the failing prompt
-        tr = []
-        for iv in f_fix:
-            pos = range(n_f) if iv.positions == "all" else iv.positions
-            for p in pos:
-                q = map_positions([p], f_ids, n_f, b_ids.tolist())
-                if not q:
-                    continue
-                vec = acts[(iv.layer, iv.component)][p].reshape(-1)
-                if iv.indices:
-                    vec = vec.reshape(*handle.site_shape(iv.component))[list(iv.indices)].reshape(-1)
-                tr.append(Intervention(iv.layer, iv.component, (q[0],), "set", iv.indices,
-                                       values=tuple(float(x) for x in vec)))
-        items.append(_Item(b_ids, [InterventionSet(), InterventionSet(tuple(tr))], None,
-                           enc_b["token_type_ids"][0] if "token_type_ids" in enc_b else None))
+        tr = _transplant(f_fix, f_ids, len(f_ids), acts, b_ids.tolist(), handle)
+        items.append(_Item(b_ids, [InterventionSet(), InterventionSet(tuple(tr))], None, _tti(enc_b),
+                           guess=inc.guess(benign_text), alt=alt))
     out = _run_items(handle, items, bundle.failure, generate=True, max_new_tokens=bundle.max_new_tokens,
                      budget=budget, target_index=bundle.target_index, id2label=inc.id2label)
     benign = [o for o in out if not o[0]["failing"]]
@@ -1036,17 +1782,17 @@ def _side_effect_evidence(bundle, handle, inc: _Incident, fix, budget, res: CCAR
         progress(2, "side effects on held-out benign prompts")
     prompts = bundle.prompt_sets.get("benign_heldout") or []
     expected = bundle.prompt_sets.get("benign_expected") or []
-    donor_cache: dict = {}
+    cache: dict = {}
     cp = (bundle.prompt_sets.get("counterpart") or [None])[0]
-    shared = _prompt_sources(bundle, handle, None, 0, donor_cache) if fix[0].op != "patch" else None
+    shared = _prompt_sources(bundle, handle, None, 0, cache, inc.means)
     items = []
     for p in prompts:
         enc = _encode(handle, p)
         ids = enc["input_ids"][0]
         mapped = _map_set(fix, inc.prompt_ids, inc.n_prompt, ids.tolist())
-        src = shared if shared is not None else _prompt_sources(bundle, handle, cp, int(ids.shape[0]), donor_cache)
-        items.append(_Item(ids, [InterventionSet(), InterventionSet(tuple(mapped))], src,
-                           enc["token_type_ids"][0] if "token_type_ids" in enc else None))
+        src = _sources_for(bundle, handle, inc, fix, cp, int(ids.shape[0]), cache, shared)
+        items.append(_Item(ids, [InterventionSet(), InterventionSet(tuple(mapped))], src, _tti(enc),
+                           guess=inc.guess(p)))
     out = _run_items(handle, items, bundle.failure, generate=True, max_new_tokens=bundle.max_new_tokens,
                      budget=budget, target_index=bundle.target_index, id2label=inc.id2label)
     rows = []
@@ -1073,9 +1819,10 @@ def _side_effect_evidence(bundle, handle, inc: _Incident, fix, budget, res: CCAR
 
 
 def control_sets(fix: Sequence[Intervention], n_layers: int, n_prompt: int, n: int, seed: int,
-                 resid_post_last_only: bool = True) -> list[InterventionSet]:
-    """``n`` random sets of the same size and components as ``fix`` (random layers, random prompt positions, same
-    count), each different from ``fix`` itself."""
+                 resid_post_last_only: bool = True, n_units: Mapping[str, int] | None = None) -> list[InterventionSet]:
+    """``n`` random sets of the same size and components as ``fix`` (random layers, random prompt positions of the
+    same count, for heads / neurons random units of the same count out of ``n_units[component]``), each different
+    from ``fix`` itself."""
     rng = random.Random(seed)
     out = []
     own = sorted(_key(iv) for iv in fix)
@@ -1087,71 +1834,107 @@ def control_sets(fix: Sequence[Intervention], n_layers: int, n_prompt: int, n: i
             L = rng.randrange(n_layers)
             k = n_prompt if iv.positions == "all" else min(len(iv.positions), n_prompt)
             pos = tuple(sorted(rng.sample(range(n_prompt), k)))
-            ivs.append(Intervention(L, iv.component, pos, iv.op, iv.indices, iv.value, iv.values))
+            idx = iv.indices
+            if idx and n_units and iv.component in n_units:
+                idx = tuple(sorted(rng.sample(range(n_units[iv.component]), len(idx))))
+            ivs.append(Intervention(L, iv.component, pos, iv.op, idx, iv.value, iv.values))
         if sorted(_key(iv) for iv in ivs) == own and tries < 100 * n:
             continue  # a control must differ from the tested set
         out.append(InterventionSet(tuple(ivs), name="control"))
     return out
 
 
-def _flip_rates(bundle, handle, inc: _Incident, sets: Sequence[InterventionSet], prompts: Sequence[tuple],
-                budget: _Budget) -> np.ndarray:
-    """Flip rate of each set over ``prompts`` (``(text, ids, donor_text)``, each failing without intervention):
-    the share whose output under the (position-mapped) set no longer fails. Generation verdict for generation
-    incidents, argmax for token/label. Returns ``[len(sets)]``."""
-    donor_cache: dict = {}
-    shared = _prompt_sources(bundle, handle, None, 0, donor_cache)
-    items = []
-    for text, ids, donor in prompts:
-        src = shared
-        if any(iv.op == "patch" for st in sets for iv in st.interventions):
-            src = _prompt_sources(bundle, handle, donor, int(ids.shape[0]), donor_cache)
-        mapped = [InterventionSet(tuple(_map_set(st.interventions, inc.prompt_ids, inc.n_prompt, ids.tolist())))
-                  for st in sets]
-        enc_tti = _encode(handle, text).get("token_type_ids") if handle.tokenizer is not None else None
-        items.append(_Item(ids, mapped, src, None if enc_tti is None else enc_tti[0]))
-    out = _run_items(handle, items, bundle.failure, generate=True, max_new_tokens=bundle.max_new_tokens,
-                     budget=budget, target_index=bundle.target_index, id2label=inc.id2label)
-    flips = np.array([[0.0 if o["failing"] else 1.0 for o in per] for per in out])  # [prompts, sets]
-    return flips.mean(0) if len(out) else np.zeros(len(sets))
-
-
 def _control_evidence(bundle, handle, inc: _Incident, fix, budget, res: CCAResult, n_controls, seed,
-                      progress, n_prompts: int = 16) -> None:
-    """Significance: the set's flip rate on the incident + a seeded subset of the failing variants, against the
-    same flip rate of ``n_controls`` random sets of equal size and components."""
+                      progress) -> None:
+    """Significance: the set's flip rate on the held-out failing variants (the incident alone when there are none)
+    against the same flip rate of ``n_controls`` random sets of equal size and components.
+
+    Controls run over the test prompts in a seeded order, in blocks of 2, 4, 8, …; a control stops as soon as its
+    outcome relative to the set is decided (``k`` = the set's flips among ``n`` prompts: reached once it has ``k``
+    flips; out of reach once it has more than ``n − k`` non-flips). That decides ``control >= set`` exactly, which is
+    all the empirical p-value ``(1 + #{control >= set}) / (1 + n_controls)`` needs."""
     budget.stage = "controls"
     if progress:
         progress(3, f"significance: {n_controls} random control sets")
     if n_controls <= 0:
         return
     rng = random.Random(seed)
-    fails = res.evidence.get("variants", {}).get("failing_indices", [])
-    pick = sorted(rng.sample(fails, min(n_prompts - 1, len(fails))))
-    variants = bundle.prompt_sets.get("variants") or []
-    vcps = bundle.prompt_sets.get("variant_counterparts") or []
-    cp = (bundle.prompt_sets.get("counterpart") or [None])[0]
-    prompts = [(bundle.prompt, torch.as_tensor(inc.prompt_ids, dtype=torch.long), cp)]
-    for i in pick:
-        prompts.append((variants[i], _encode(handle, variants[i])["input_ids"][0], vcps[i] if i < len(vcps) else cp))
-    sets = control_sets(fix, handle.n_layers, inc.n_prompt, n_controls, seed)
-    rates = _flip_rates(bundle, handle, inc, [InterventionSet(tuple(fix))] + sets, prompts, budget)
-    observed, ctrl = float(rates[0]), [float(x) for x in rates[1:]]
-    res.control_flip_rates = ctrl
-    res.n_controls = len(ctrl)
-    res.p_value = stats.empirical_p_value(observed, ctrl)
+    var = inc.cache.get("variants") or {}
+    if var.get("fail_idx"):
+        order = list(var["fail_idx"])
+        rng.shuffle(order)
+        prompts = [var["items"][i] for i in order]
+        own = [bool(var["flips"][i]) for i in order]
+        what = "flip rate on the held-out failing variants (same position rule)"
+    else:
+        it = _Item(torch.as_tensor(inc.prompt_ids, dtype=torch.long), [InterventionSet()], inc.ctx.sources,
+                   None if inc.ctx.token_type_ids is None else inc.ctx.token_type_ids[:inc.n_prompt])
+        prompts, own, order = [it], [bool(res.flipped)], []
+        what = "flip of the incident (the bundle has no failing variants)"
+    n = len(prompts)
+    k = sum(own)
+    n_units = {"head": handle.n_heads, "neuron": handle.d_mlp}
+    ctrl = control_sets(fix, handle.n_layers, inc.n_prompt, n_controls, seed, n_units=n_units)
+    if any(iv.component in ("head", "neuron") for iv in fix) and fix[0].op == "mean":
+        for c in {iv.component for iv in fix if iv.component in ("head", "neuron")}:
+            inc.means.ensure(c)
+    N = len(ctrl)
+    flips = [0] * N
+    runs = [0] * N
+    status: list[bool | None] = [True if k == 0 else None for _ in range(N)]  # True: control >= set
+    first_rows = first_flips = 0
+    pos, blk = 0, max(2, n - k + 1)  # the first block can already put a control that never flips out of reach
+    while pos < n and any(s is None for s in status):
+        block = prompts[pos:pos + blk]
+        live = [c for c in range(N) if status[c] is None]
+        items = [_Item(it.ids, [InterventionSet(tuple(_map_set(ctrl[c].interventions, inc.prompt_ids, inc.n_prompt,
+                                                                it.ids.tolist()))) for c in live],
+                       it.sources, it.token_type_ids, it.baseline, alt=it.alt) for it in block]
+        out = _run_items(handle, items, bundle.failure, generate=True, max_new_tokens=bundle.max_new_tokens,
+                         budget=budget, target_index=bundle.target_index, id2label=inc.id2label)
+        for o in out:
+            for j, c in enumerate(live):
+                f = not o[j]["failing"]
+                flips[c] += f
+                runs[c] += 1
+                if pos == 0:
+                    first_rows += 1
+                    first_flips += f
+        for c in live:
+            if flips[c] >= k:
+                status[c] = True
+            elif runs[c] - flips[c] > n - k:
+                status[c] = False
+        pos += len(block)
+        blk *= 2
+        if progress:
+            progress(3, f"significance: {sum(s is not None for s in status)}/{N} control sets decided")
+    status = [s if s is not None else flips[c] >= k for c, s in enumerate(status)]
+    observed = k / n
+    hits = sum(1 for s in status if s)
+    res.control_flip_rates = [flips[c] / runs[c] if runs[c] else 0.0 for c in range(N)]
+    res.n_controls = N
+    res.p_value = (1 + hits) / (1 + N)
     res.evidence["controls"] = {
-        "statistic": "flip rate on the incident + a seeded subset of the failing variants (same position rule)",
-        "n_prompts": len(prompts), "variant_indices": pick, "observed_flip_rate": observed,
-        "n_at_least_as_extreme": int(sum(1 for c in ctrl if c >= observed)),
-        "control_flip_rate_mean": float(np.mean(ctrl)), "seed": seed}
+        "statistic": what, "n_prompts": n, "variant_order": order, "observed_flip_rate": observed,
+        "n_at_least_as_extreme": hits, "prompts_run": runs,
+        "stopping": "a control stops once it reaches the set's flip count or can no longer reach it; "
+                    "control_flip_rates are over the prompts each control ran",
+        "first_block_flip_rate": first_flips / first_rows if first_rows else None,
+        "first_block_flips": first_flips, "first_block_rows": first_rows,
+        "control_flip_rate_mean": float(np.mean(res.control_flip_rates)) if N else None,
+        "rows": int(budget.rows_by_stage.get("controls", 0)), "seed": seed,
+        "examples": [ctrl[c].to_dict()["interventions"] for c in range(min(3, N))],
+        "reaching": [ctrl[c].to_dict()["interventions"] for c in range(N) if status[c]][:10]}
 
 
 def _fdr(res: CCAResult) -> None:
     ps: dict[str, float] = {}
     if math.isfinite(res.p_value):
-        ps["incident_flip_vs_controls"] = res.p_value
-    c_rate = (1 + sum(res.control_flip_rates)) / (1 + len(res.control_flip_rates)) if res.control_flip_rates else 0.05
+        ps["flip_rate_vs_controls"] = res.p_value
+    cev = res.evidence.get("controls") or {}
+    # the controls' per-prompt flip rate, smoothed, from the first block (every control ran it)
+    c_rate = (1 + cev.get("first_block_flips", 0)) / (1 + cev.get("first_block_rows", 0)) if cev else 0.05
     if res.n_variants:
         k = round(res.flip_rate * res.n_variants)
         ps["variant_flip_rate_above_control_rate"] = stats.binomial_p_value(k, res.n_variants, c_rate, "greater")
