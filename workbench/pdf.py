@@ -91,15 +91,26 @@ def guard_none_refcount() -> bool:
 
 
 def ensure_qt_app():
-    """The running ``QGuiApplication`` (a QApplication counts); creates an offscreen one when there is none."""
-    global _APP
-    from PySide6.QtGui import QGuiApplication
+    """The running Qt application; creates an offscreen ``QApplication`` when there is none.
 
-    app = QGuiApplication.instance()
+    A ``QApplication`` (not just a ``QGuiApplication``, which would do for painting): the process may go on to
+    create widgets (the GUI, pytest-qt's ``qapp``), and Qt aborts when a widget is made under a QGuiApplication.
+    """
+    global _APP
+    from PySide6.QtCore import QCoreApplication
+
+    app = QCoreApplication.instance()
     if app is None:
         if not os.environ.get("QT_QPA_PLATFORM"):
             os.environ["QT_QPA_PLATFORM"] = "offscreen"   # we draw into a PDF; no window is ever shown
-        _APP = app = QGuiApplication(["forensics-pdf"])
+        from PySide6.QtWidgets import QApplication
+
+        _APP = app = QApplication(["forensics-pdf"])
+    else:
+        from PySide6.QtGui import QGuiApplication
+
+        if not isinstance(app, QGuiApplication):
+            raise RuntimeError("a QCoreApplication is running: the PDF needs a QGuiApplication (fonts, painting)")
     guard_none_refcount()
     return app
 
