@@ -165,7 +165,7 @@ class MainWindow(QMainWindow):
         self.analysis_menu = mb.addMenu("&Analysis")
         self.act_run_cf = self._action(self.analysis_menu, "Run &CF", self.run_cf, "Ctrl+R")
         self.act_run_cca = self._action(self.analysis_menu, "Run CC&A", self.run_cca, "Ctrl+Shift+R")
-        self.act_cancel = self._action(self.analysis_menu, "Ca&ncel running job", self.runner.cancel, "Esc")
+        self.act_cancel = self._action(self.analysis_menu, "Ca&ncel running job", self.cancel_jobs, "Esc")
         h = mb.addMenu("&Help")
         self.act_demo = self._action(h, "Open &demo incident", self.open_demo, "F1")
         self._action(h, "&About", self.about)
@@ -331,6 +331,15 @@ class MainWindow(QMainWindow):
             return
         self.show_view("CCA")
         v.run()
+
+    @Slot()
+    def cancel_jobs(self) -> None:
+        """Analysis ▸ Cancel (Esc): cancel the running job and drop the waiting ones.
+
+        A slot of its own: connected directly, ``triggered(bool checked)`` would pass ``False`` as the job name."""
+        if self.runner.busy:
+            self.runner.cancel()
+            self.show_status("Cancelling…")
 
     @Slot()
     def export_certificate(self) -> None:

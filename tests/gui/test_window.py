@@ -136,3 +136,30 @@ def test_close_during_running_job_exits_cleanly(qtbot, demo_bundle):
     assert time.monotonic() - t0 < 5
     assert not win.runner._thread.isRunning()
     assert win.session.bundle is None
+
+
+def test_escape_cancels_the_running_job(qtbot, demo_bundle):
+    """Analysis ▸ Cancel running job (Esc) really cancels: the job sees its cancel event set."""
+    from workbench.app import MainWindow
+
+    win = MainWindow()
+    qtbot.addWidget(win)
+    win.show()
+    started, outcome = [], []
+
+    def job(emit, cancel):
+        started.append(True)
+        t0 = time.monotonic()
+        while not cancel.is_set() and time.monotonic() - t0 < 20:
+            time.sleep(0.01)
+        outcome.append("cancelled" if cancel.is_set() else "ran out")
+        return outcome[-1]
+
+    assert not win.act_cancel.isEnabled()
+    with qtbot.waitSignal(win.runner.finished, timeout=10_000):
+        win.runner.submit("long", job)
+        qtbot.waitUntil(lambda: bool(started) and win.act_cancel.isEnabled(), timeout=5000)
+        assert win.act_cancel.shortcut().toString() == "Esc"
+        win.act_cancel.trigger()
+    assert outcome == ["cancelled"]
+    win.close()
