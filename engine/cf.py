@@ -1,26 +1,53 @@
-"""Compression Forensics (CF): calibrated per-layer × site anomaly scores of an incident's activations.
+"""Compression Forensics (CF): calibrated anomaly scores of an incident's activations, per layer × site × token.
 
-For every recorded site ``(layer, site)`` and every token position the incident's activation vector ``x`` (``[d_model]``)
-is turned into a per-token statistic:
+CF answers "where does this run compute something no benign run computes?" with no forward pass beyond the benign
+reference runs. Every recorded activation vector ``x`` (``[d_model]``, one per ``(layer, site)`` and token position)
+is compared with the same site's activations on the model's **benign reference prompts**, summarised in a
+*baseline* (HDF5, versioned, cached per model; layout in ``docs/cf.md``).
 
-* ``"bits"`` — compressibility. ``x`` is standardised with per-dimension scales calibrated on the benign reference
-  runs (``z = (x - median) / robust_scale``), quantised to ``LEVELS`` steps per unit (int8, clipped), and fed row by
-  row into one zlib stream with a sync flush after each row: the bytes a row adds are what it costs *given the
-  previous positions* (zlib's 32 KiB window). Bits per value = ``8 * bytes / d_model``. A constant (repeated)
-  activation costs almost nothing; a wild one costs more than benign tokens do.
-* ``"distance"`` — RMS of ``z`` over dimensions (a diagonal Mahalanobis distance from the benign per-dim centre).
+**Positional roles.** A token is compared with benign tokens *in the same role*: ``first`` (position 0), ``end0`` and
+``end1`` (the last two prompt tokens, aligned from the end: the decision position of a chat template such as
+``Assistant:``, or ``.``/``[SEP]`` of a sentence) and ``body`` (every other position, pooled). Per role the baseline
+holds the per-dimension median and robust scale (1.4826·MAD, floored at 1 % of the site's median scale), so
+``z = (x − median_role) / scale_role``.
 
-Each token statistic is compared with the benign per-token distribution of the same site (position 0 has its own,
-since the first token is special in most models): token score ``s_t = |robust z|`` for ``bits`` (both directions are
-anomalous: too compressible or too incompressible) and ``s_t = robust z`` for ``distance`` (only far is anomalous).
-A (layer, site) is summarised by the maximum token score over the prompt positions; that aggregate is scored
-against the same aggregate of every benign reference prompt: ``score = (A - median) / (1.4826 MAD)`` and the
-empirical ``p = (1 + #benign >= A) / (1 + n)``. The threshold on ``score`` is the 97.5th percentile of the
-leave-one-out scores of the benign reference cells; the false-positive rate it gives is then *measured* on held-out
-benign prompts (``heldout_fpr``), never tuned on them.
+**Two statistics** of ``z``, per token:
 
-Robust z: ``(x - median) / (1.4826 * MAD)`` with the MAD floored at ``1e-3`` of the median's magnitude (and an
-absolute ``1e-6``) so a degenerate benign distribution cannot divide by zero.
+* ``"bits"`` — compressibility: ``z`` is quantised (``LEVELS`` steps per robust sd, int8) and the positions are fed
+  in order into one zlib stream with a sync flush after each row; the bytes a row adds, as bits per value, are its
+  cost *given the earlier positions*. A constant or repeated activation costs almost nothing, a wild one more than
+  benign tokens do; both directions are anomalous.
+* ``"distance"`` — the RMS of ``z`` over dimensions (a diagonal Mahalanobis distance from the benign centre); only
+  far is anomalous.
+
+**Token score.** The statistic is calibrated per role on the benign reference tokens to a *tail-matched z*:
+``1.645 · (s − median) / (q95 − median)`` (below the median the same with ``q05``; ``bits`` takes the absolute
+value), so a benign token reaches 1.645 at its role's 95th percentile whatever the shape of the distribution.
+
+**Cross-fitting by length.** The benign values the calibration is made of are computed out of sample: the reference
+prompts are split into ``FOLDS`` folds *by token length* (prompts of one length share a fold) and a prompt's tokens
+are standardised with the centre and scale of the prompts in the other folds. So the calibration contains the shift
+a prompt of an unseen length brings (for GPT-2's absolute positions the end roles move with the length), as
+held-out prompts do. A run that is not in the baseline is measured the same way: with the centre/scale of the fold
+its prompt length belongs to, or, for a length no reference prompt has, under every fold and averaged.
+
+**Site score, p-value, threshold.** A ``(layer, site)`` is summarised by the maximum token score over the prompt
+positions; that aggregate is scored against the same (cross-fitted) aggregate of every benign reference prompt:
+robust z ``(A − median) / (1.4826 MAD)`` and the empirical ``p = (1 + #benign ≥ A) / (1 + n)``. The threshold is the
+97.5th percentile of the leave-one-out scores of the benign reference cells (never below 2); the share of held-out
+benign prompt × site cells it flags is then *measured* (``heldout_fpr``), never tuned on them.
+
+**Position anomaly and candidate order.** ``CFResult.position_anomaly[p]`` is the median over the scored sites of
+the token scores at position ``p``: a token anomalous at most layers and sites is anomalous *as an input*.
+:meth:`CFResult.order_candidates` orders single-site interventions ``(layer, component, positions)`` by the position
+anomaly of their positions, then by their own token score: the order a CF-guided search visits them in.
+
+**Default statistic.** ``benchmarks/cf_localisation.py`` measures both statistics on the shipped scenarios against an
+exhaustive single-site mean-ablation sweep (which candidates really flip each incident); ``docs/cf.md`` holds its
+table. ``"distance"`` reached a flipping candidate within 50 % of the random-order search on every scenario, ``"bits"``
+missed on ``bert-sentiment-bypass`` (the trigger token there is no harder to compress than benign words), so
+``"distance"`` is the default; ``"bits"`` stays selectable (``statistic="bits"``, ``forensics cf --statistic bits``) and
+is the one that sees an activation made constant (too compressible).
 """
 
 from __future__ import annotations
@@ -33,23 +60,28 @@ import os
 import threading
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from .errors import BaselineError, CFError
 
 STATISTICS = ("bits", "distance")
-DEFAULT_STATISTIC = "bits"
+DEFAULT_STATISTIC = "distance"
 COMPRESSORS = ("zlib", "lzma")
 DEFAULT_COMPRESSOR = "zlib"
 LEVELS = 4                    # quantisation steps per unit of robust scale (step = 0.25 robust sd)
+END_ROLES = 2                 # the last END_ROLES prompt positions are compared with benign tokens aligned from the end
+ROLES = ("first", *(f"end{e}" for e in range(END_ROLES)), "body")
+FOLDS = 5                     # cross-fitting folds (by prompt token length) for the benign calibration values
 THRESHOLD_QUANTILE = 0.975    # of the leave-one-out benign reference cell scores
 MIN_THRESHOLD = 2.0           # never flag below a robust z of 2
+TAIL_Z = 1.6448536269514722   # standard normal 95th percentile: a benign token's score at its role's q95
+SCALE_FLOOR = 0.01            # per-dim scale >= SCALE_FLOOR x the site's median per-dim scale
 FORMAT_NAME = "forensics.cf-baseline"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SITES = ("resid_pre", "attn", "mlp", "resid_post")
 
 Progress = Callable[[int, int, str], None]
@@ -62,13 +94,14 @@ class LayerScore:
     """One ``(layer, site)`` of the incident.
 
     Attributes:
-        statistic: raw statistic of the incident — mean over prompt positions of the per-token statistic (bits per
-            value for ``bits``, RMS standardised distance for ``distance``).
+        statistic: raw statistic of the incident — mean over prompt positions of the per-token sequential/centre
+            component (bits per value for ``bits``, RMS standardised distance for ``distance``).
         score: anomaly score (robust z of the max token score against the benign reference prompts); larger =
             more anomalous.
         p_value: empirical p-value against the benign reference prompts.
         flagged: ``score > threshold``.
-        position_scores: per token position score ``s_t`` (len = incident positions, continuation included).
+        position_scores: per token position score (tail-matched z; len = incident positions, continuation
+            included).
         aggregate: the max token score over prompt positions that ``score`` was computed from.
     """
 
@@ -103,7 +136,11 @@ def _unnum(x) -> float:
 
 @dataclass
 class CFResult:
-    """Everything CF found for one incident (JSON-ready with :meth:`to_dict`)."""
+    """Everything CF found for one incident (JSON-ready with :meth:`to_dict`).
+
+    ``position_anomaly`` is the per-position median of the sites' token scores (see the module docstring); it and
+    the per-site ``position_scores`` give :meth:`order_candidates`.
+    """
 
     statistic: str
     threshold: float
@@ -118,6 +155,8 @@ class CFResult:
     n_heldout: int = 0
     compressor: str = DEFAULT_COMPRESSOR
     bundle_uuid: str = ""
+    position_anomaly: tuple[float, ...] = ()
+    n_prompt_tokens: int = 0
 
     SCHEMA = "forensics.cf-result/1"
 
@@ -130,6 +169,8 @@ class CFResult:
                         "position_scores": [_num(v) for v in s.position_scores]} for s in self.scores],
             "findings": [{"layer": f.layer, "site": f.site, "positions": list(f.positions), "score": _num(f.score),
                           "p_value": _num(f.p_value)} for f in self.findings],
+            "position_anomaly": [_num(v) for v in self.position_anomaly],
+            "n_prompt_tokens": self.n_prompt_tokens,
             "heldout_fpr": _num(self.heldout_fpr) if self.heldout_fpr is not None else None,
             "n_baseline_prompts": self.n_baseline_prompts, "n_heldout": self.n_heldout,
             "baseline_id": self.baseline_id, "weights_sha256": self.weights_sha256, "bundle_uuid": self.bundle_uuid,
@@ -151,8 +192,10 @@ class CFResult:
                        seconds=float(d.get("seconds", 0.0)), partial=bool(d.get("partial", False)),
                        n_baseline_prompts=int(d.get("n_baseline_prompts", 0)), n_heldout=int(d.get("n_heldout", 0)),
                        compressor=str(d.get("compressor", DEFAULT_COMPRESSOR)),
-                       bundle_uuid=str(d.get("bundle_uuid", "")))
-        except (KeyError, TypeError, ValueError) as exc:
+                       bundle_uuid=str(d.get("bundle_uuid", "")),
+                       position_anomaly=tuple(_unnum(v) for v in d.get("position_anomaly", ())),
+                       n_prompt_tokens=int(d.get("n_prompt_tokens", 0)))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CFError(f"malformed CF result: {exc}") from None
 
     def score_of(self, layer: int, site: str) -> LayerScore | None:
@@ -178,10 +221,47 @@ class CFResult:
             out[(s.layer, s.site)] = float(1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, x)))))
         return out
 
+    # -- single-site candidates ------------------------------------------------------------------------------
+    def candidate_key(self, layer: int, site: str, positions) -> tuple[float, float]:
+        """``(position anomaly, token score)`` of an intervention site; larger = visit earlier.
+
+        ``positions``: a sequence of token positions or ``"all"``. Both parts are maxima over the positions; a site
+        CF did not score (another component, or a partial result) gets ``(-inf, -inf)``.
+        """
+        s = self.score_of(layer, site)
+        if s is None:
+            return (-math.inf, -math.inf)
+        n = len(s.position_scores)
+        pos = range(n) if isinstance(positions, str) else [int(p) for p in positions if 0 <= int(p) < n]
+        pa = self.position_anomaly
+        a = [pa[p] for p in pos if p < len(pa) and math.isfinite(pa[p])]
+        t = [s.position_scores[p] for p in pos if math.isfinite(s.position_scores[p])]
+        return (max(a) if a else -math.inf, max(t) if t else -math.inf)
+
+    def order_candidates(self, candidates: Sequence) -> list[int]:
+        """Indices of ``candidates`` in the order a CF-guided search visits them (most anomalous first).
+
+        Args:
+            candidates: interventions (anything with ``layer``, ``component``, ``positions``) or
+                ``(layer, site, positions)`` tuples.
+
+        Returns:
+            A permutation of ``range(len(candidates))``: by :meth:`candidate_key` descending, ties in the given
+            order.
+        """
+        keys = []
+        for c in candidates:
+            if isinstance(c, tuple):
+                layer, site, pos = c
+            else:
+                layer, site, pos = c.layer, c.component, c.positions
+            keys.append(self.candidate_key(int(layer), str(site), pos))
+        return sorted(range(len(keys)), key=lambda i: (-keys[i][0], -keys[i][1], i))
+
 
 # ----- statistics -----------------------------------------------------------------------------------------------
 def _robust_center_scale(x: np.ndarray, axis=0) -> tuple[np.ndarray, np.ndarray]:
-    """Per-column median and 1.4826·MAD (floored) of ``x`` ``[n, d]``."""
+    """Per-column median and 1.4826·MAD (std where the MAD is 0, floored) of ``x`` ``[n, d]``."""
     med = np.median(x, axis=axis)
     mad = 1.4826 * np.median(np.abs(x - np.expand_dims(med, axis)), axis=axis)
     std = np.std(x, axis=axis)
@@ -209,15 +289,24 @@ def standardise(x: np.ndarray, center: np.ndarray, scale: np.ndarray) -> np.ndar
 
 def quantise(z: np.ndarray, levels: int = LEVELS) -> np.ndarray:
     """Standardised ``z`` ``[pos, d]`` → int8 codes (``levels`` steps per unit, clipped to ±127)."""
-    return np.clip(np.rint(z * levels), -127, 127).astype(np.int8)
+    return np.clip(np.rint(np.asarray(z, dtype=np.float64) * levels), -127, 127).astype(np.int8)
+
+
+_LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 6}]
 
 
 def token_bits(z: np.ndarray, *, levels: int = LEVELS, compressor: str = DEFAULT_COMPRESSOR) -> np.ndarray:
     """Bits per value of each token after quantisation and compression: ``[pos, d]`` → ``[pos]``.
 
-    ``zlib``: one stream over the positions in order, sync-flushed after each row, so a row's cost is conditional
-    on the earlier rows (repeats cost almost nothing). ``lzma``: each row compressed on its own (xz has no cheap
-    partial flush), so it sees only within-token redundancy.
+    ``zlib``: one raw-deflate stream over the positions in order, sync-flushed after each row, so a row's cost is
+    conditional on the earlier rows (repeats cost almost nothing). ``lzma``: each row compressed on its own (xz has no
+    cheap partial flush), so it sees only within-token redundancy.
+
+    Example:
+        >>> z = np.random.default_rng(0).normal(size=(4, 256))
+        >>> b = token_bits(np.vstack([z, z[-1:]]))   # the repeated last row costs a few bytes
+        >>> bool(b[-1] < 0.5 * b[-2])
+        True
     """
     q = quantise(z, levels)
     n, d = q.shape
@@ -228,9 +317,8 @@ def token_bits(z: np.ndarray, *, levels: int = LEVELS, compressor: str = DEFAULT
             b = c.compress(q[t].tobytes()) + c.flush(zlib.Z_SYNC_FLUSH)
             out[t] = 8.0 * len(b) / d
     elif compressor == "lzma":
-        filt = [{"id": lzma.FILTER_LZMA2, "preset": 6}]
         for t in range(n):
-            out[t] = 8.0 * len(lzma.compress(q[t].tobytes(), format=lzma.FORMAT_RAW, filters=filt)) / d
+            out[t] = 8.0 * len(lzma.compress(q[t].tobytes(), format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)) / d
     else:
         raise CFError(f"unknown compressor {compressor!r}; expected one of {', '.join(COMPRESSORS)}")
     return out
@@ -242,29 +330,82 @@ def token_distance(z: np.ndarray) -> np.ndarray:
     return np.sqrt(np.mean(z * z, axis=1))
 
 
-def token_statistic(statistic: str, z: np.ndarray, compressor: str = DEFAULT_COMPRESSOR) -> np.ndarray:
+def token_statistic(statistic: str, z: np.ndarray, compressor: str = DEFAULT_COMPRESSOR,
+                    levels: int = LEVELS) -> np.ndarray:
+    """The per-token ``statistic`` of standardised ``z`` ``[pos, d]`` → ``[pos]``."""
     if statistic == "bits":
-        return token_bits(z, compressor=compressor)
+        return token_bits(z, levels=levels, compressor=compressor)
     if statistic == "distance":
         return token_distance(z)
     raise CFError(f"unknown statistic {statistic!r}; expected one of {', '.join(STATISTICS)}")
 
 
+def position_roles(n: int, n_prompt: int | None = None) -> list[str]:
+    """Role of each of ``n`` positions whose first ``n_prompt`` are the prompt (see the module docstring).
+
+    Example:
+        >>> position_roles(6, 4)
+        ['first', 'body', 'end1', 'end0', 'body', 'body']
+    """
+    n_prompt = n if n_prompt is None else n_prompt
+    out = []
+    for p in range(n):
+        e = n_prompt - 1 - p
+        out.append("first" if p == 0 else (f"end{e}" if 0 <= e < END_ROLES else "body"))
+    return out
+
+
+def _tail_z(v: np.ndarray, calib: tuple[float, float, float]) -> np.ndarray:
+    """Tail-matched z of raw statistic values ``v`` with ``calib = (median, q95 - median, median - q05)``."""
+    m, hi, lo = calib
+    v = np.asarray(v, dtype=np.float64)
+    return np.where(v >= m, TAIL_Z * (v - m) / hi, -TAIL_Z * (m - v) / lo)
+
+
+def _calibrate(values: np.ndarray, floor: float) -> tuple[float, float, float]:
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return (0.0, floor, floor)
+    m = float(np.median(v))
+    return (m, max(float(np.quantile(v, 0.95)) - m, floor), max(m - float(np.quantile(v, 0.05)), floor))
+
+
+def _spread_floor(statistic: str, d: int) -> float:
+    """Smallest calibration spread: one byte of compressed output per token (bits), 0.1 robust sd (distance)."""
+    return 8.0 / d if statistic == "bits" else 0.1
+
+
 # ----- baseline -------------------------------------------------------------------------------------------------
 @dataclass
-class SiteBaseline:
-    """Benign calibration of one ``(layer, site)`` and one statistic's distributions.
+class RoleBaseline:
+    """Benign calibration of one ``(layer, site)`` and positional role.
 
     Attributes:
-        center, scale: per-dim median and robust scale ``[d_model]`` (quantisation / distance scales).
-        tok: ``{statistic: (median, scale, median0, scale0)}`` of the per-token statistic at positions ≥ 1 and 0.
-        agg: ``{statistic: [n_prompts]}`` the benign prompts' aggregates (max token score over prompt positions).
+        center, scale: per-dim median and robust scale of each cross-fitting fold's complement ``[folds, d_model]``
+            (fold ``k``'s row is computed from the benign prompts *outside* fold ``k``).
+        calib: ``{statistic: (median, q95 - median, median - q05)}`` of the benign (cross-fitted) token statistic.
     """
 
     center: np.ndarray
     scale: np.ndarray
-    tok: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)
+    calib: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+
+
+@dataclass
+class SiteBaseline:
+    """Benign calibration of one ``(layer, site)``.
+
+    Attributes:
+        roles: ``{role: RoleBaseline}`` (see :data:`ROLES`; a role no benign prompt had falls back to ``body``).
+        agg: ``{statistic: [n_prompts]}`` the benign prompts' aggregates (max token score over prompt positions).
+    """
+
+    roles: dict[str, RoleBaseline]
     agg: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def role(self, name: str) -> RoleBaseline:
+        return self.roles.get(name) or self.roles["body"]
 
 
 @dataclass
@@ -275,6 +416,9 @@ class Baseline:
         weights_sha256: the model it was built from (checked on every use).
         statistics: which statistics it holds (``STATISTICS`` by default).
         thresholds / heldout_fprs: per statistic; ``threshold`` and ``heldout_fpr`` are the default statistic's.
+        heldout_counts: per statistic, how many held-out prompt × site cells the FPR was measured on.
+        heldout_prompt_fprs: per statistic, the share of held-out prompts with at least one flagged site.
+        length_fold: prompt token length -> cross-fitting fold (empty when the folds are not by length).
         prompts_hash: sha256 over the reference and held-out prompts (cache key).
     """
 
@@ -291,6 +435,8 @@ class Baseline:
     thresholds: dict[str, float]
     heldout_fprs: dict[str, float | None]
     heldout_counts: dict[str, int] = field(default_factory=dict)
+    heldout_prompt_fprs: dict[str, float | None] = field(default_factory=dict)
+    length_fold: dict[int, int] = field(default_factory=dict)
     created: str = ""
     program: str = ""
     baseline_id: str = ""
@@ -318,6 +464,20 @@ class Baseline:
     def save(self, path: str | os.PathLike) -> Path:
         return save_baseline(self, path)
 
+    def summary(self) -> dict:
+        """Plain-data description (``forensics baseline build/info``)."""
+        def opt(v):
+            return None if v is None else _num(v)
+
+        return {"format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, "baseline_id": self.baseline_id,
+                "weights_sha256": self.weights_sha256, "n_layers": self.n_layers, "d_model": self.d_model,
+                "sites": list(self.sites), "statistics": list(self.statistics), "compressor": self.compressor,
+                "levels": self.levels, "n_prompts": self.n_prompts, "n_heldout": len(self.heldout),
+                "thresholds": {k: _num(v) for k, v in self.thresholds.items()},
+                "heldout_fprs": {k: opt(v) for k, v in self.heldout_fprs.items()},
+                "heldout_prompt_fprs": {k: opt(v) for k, v in self.heldout_prompt_fprs.items()},
+                "heldout_cells": dict(self.heldout_counts), "created": self.created, "program": self.program}
+
 
 def prompts_hash(prompts: Sequence[str], heldout: Sequence[str] = ()) -> str:
     return hashlib.sha256(json.dumps([list(prompts), list(heldout)]).encode()).hexdigest()
@@ -340,13 +500,38 @@ def _forward_sites(handle, prompt: str, keys: list[SiteKey]) -> dict[SiteKey, np
     return {k: v[0].float().numpy() for k, v in acts.items()}
 
 
-def _token_scores(sb: SiteBaseline, statistic: str, stat: np.ndarray) -> np.ndarray:
-    """Per-token statistic ``[pos]`` → per-token score (|robust z| for bits, robust z for distance)."""
-    m, s, m0, s0 = sb.tok[statistic]
-    z = (stat - m) / s
-    if stat.size:
-        z[0] = (stat[0] - m0) / s0
-    return np.abs(z) if statistic == "bits" else z
+def _standardise_roles(sb: SiteBaseline, x: np.ndarray, roles: Sequence[str], fold: int) -> np.ndarray:
+    """``x`` ``[pos, d]`` standardised per position with its role's centre/scale of cross-fitting ``fold``."""
+    z = np.empty(x.shape, dtype=np.float32)
+    for r in set(roles):
+        idx = [p for p, q in enumerate(roles) if q == r]
+        rb = sb.role(r)
+        z[idx] = standardise(x[idx], rb.center[fold], rb.scale[fold])
+    return z
+
+
+def _site_statistic(sb: SiteBaseline, x: np.ndarray, roles: Sequence[str], statistic: str, compressor: str,
+                    levels: int, fold: int | None) -> np.ndarray:
+    """Raw per-token statistic of a run that is not part of the baseline, measured as a benign run was.
+
+    A benign reference value was computed with the centre/scale of the prompts outside its fold (folds group prompts
+    by token length). A run whose prompt length belongs to fold ``fold`` is measured the same way; a run of a length
+    no reference prompt had (``fold=None``) is outside every fold, so it is measured under each and averaged.
+    """
+    if fold is not None:
+        return token_statistic(statistic, _standardise_roles(sb, x, roles, fold), compressor, levels)
+    k = next(iter(sb.roles.values())).center.shape[0]
+    return np.mean([token_statistic(statistic, _standardise_roles(sb, x, roles, f), compressor, levels)
+                    for f in range(k)], axis=0)
+
+
+def _token_scores(sb: SiteBaseline, statistic: str, roles: Sequence[str], stat: np.ndarray) -> np.ndarray:
+    """Raw per-token statistic ``[pos]`` → tail-matched token score per position (``bits``: two-sided)."""
+    out = np.empty(len(roles), dtype=np.float64)
+    for r in set(roles):
+        idx = np.array([p for p, q in enumerate(roles) if q == r])
+        out[idx] = _tail_z(stat[idx], sb.role(r).calib[statistic])
+    return np.abs(out) if statistic == "bits" else out
 
 
 def _aggregate(scores: np.ndarray, n_prompt: int) -> float:
@@ -360,33 +545,115 @@ def _agg_score(agg: float, bench: np.ndarray) -> tuple[float, float]:
     return float(z), float(p)
 
 
+def _role_params(runs_x: Sequence[np.ndarray], use: Sequence[int], floor: float
+                 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Centre and scale ``([d], [d])`` per role from the benign runs ``use``."""
+    by: dict[str, list[np.ndarray]] = {}
+    for i in use:
+        x = runs_x[i]
+        for p, r in enumerate(position_roles(x.shape[0])):
+            by.setdefault(r, []).append(x[p])
+    if "body" not in by or len(by["body"]) < 8:  # tiny prompts: the body role is every token
+        by["body"] = [runs_x[i][p] for i in use for p in range(runs_x[i].shape[0])]
+    out = {}
+    for r, rows in by.items():
+        c, sc = _robust_center_scale(np.stack(rows).astype(np.float64))
+        out[r] = (c.astype(np.float32), np.maximum(sc, floor).astype(np.float32))
+    return out
+
+
+def length_folds(lengths: Sequence[int], folds: int = FOLDS) -> list[int]:
+    """Fold of each prompt for cross-fitting: prompts of one token length share a fold (balanced greedily).
+
+    With a single length the folds are ``index mod folds``.
+
+    Example:
+        >>> length_folds([10, 12, 10, 15, 12, 10])
+        [0, 1, 0, 2, 1, 0]
+    """
+    n = len(lengths)
+    distinct = sorted(set(lengths), key=lambda v: (-list(lengths).count(v), v))
+    if len(distinct) < 2:
+        k = max(2, min(folds, n))
+        return [i % k for i in range(n)]
+    k = min(folds, len(distinct))
+    size = [0] * k
+    fold_of = {}
+    for v in distinct:
+        f = min(range(k), key=lambda j: (size[j], j))
+        fold_of[v] = f
+        size[f] += list(lengths).count(v)
+    return [fold_of[v] for v in lengths]
+
+
+def _calibrate_site(runs_x: list[np.ndarray], stats: Sequence[str], compressor: str, levels: int,
+                    folds: Sequence[int]) -> SiteBaseline:
+    """One site's :class:`SiteBaseline` from the benign runs ``[n_i, d]``.
+
+    The benign statistic values the calibration and the aggregates are made of are cross-fitted: a run's tokens are
+    standardised with the centre and scale of the runs in the other ``folds`` — as an incident is scored against a
+    baseline it is not part of.
+    """
+    n = len(runs_x)
+    allx = np.concatenate(runs_x).astype(np.float64)
+    floor = SCALE_FLOOR * float(np.median(_robust_center_scale(allx)[1]))
+    fold_ids = sorted(set(folds))
+    per_fold = [_role_params(runs_x, [i for i in range(n) if folds[i] != f], floor) for f in fold_ids]
+    names = [r for r in ROLES if any(r in pf for pf in per_fold)]
+    roles = {r: RoleBaseline(center=np.stack([pf.get(r, pf["body"])[0] for pf in per_fold]),
+                             scale=np.stack([pf.get(r, pf["body"])[1] for pf in per_fold])) for r in names}
+    sb = SiteBaseline(roles=roles)
+    run_roles = [[q if q in roles else "body" for q in position_roles(x.shape[0])] for x in runs_x]
+    raw: dict[str, list[np.ndarray]] = {st: [np.empty(0)] * n for st in stats}
+    for i in range(n):
+        z = _standardise_roles(sb, runs_x[i], run_roles[i], fold_ids.index(folds[i]))
+        for st in stats:
+            raw[st][i] = token_statistic(st, z, compressor, levels)
+    d = runs_x[0].shape[1]
+    for st in stats:
+        fl = _spread_floor(st, d)
+        for r in roles:
+            v = [raw[st][i][p] for i in range(n) for p, q in enumerate(run_roles[i]) if q == r]
+            roles[r].calib[st] = _calibrate(np.array(v), fl)
+        sb.agg[st] = np.array([_aggregate(_token_scores(sb, st, run_roles[i], raw[st][i]), len(run_roles[i]))
+                               for i in range(n)], dtype=np.float64)
+    return sb
+
+
 def build_baseline(handle, prompts: Sequence[str], *, statistic: str | Sequence[str] = STATISTICS,
                    heldout: Sequence[str] = (), compressor: str = DEFAULT_COMPRESSOR, levels: int = LEVELS,
                    sites: Sequence[str] = SITES, progress: Progress | None = None,
                    cancel: threading.Event | None = None) -> Baseline:
     """Run the benign ``prompts`` through ``handle`` and calibrate every ``(layer, site)``.
 
-    Two passes over the prompts' activations (kept in memory: ``n_prompts × pos × d_model`` per site, fine for the
-    tens of short prompts a scenario ships): per-dim centre/scale from all benign tokens, then per-token statistics,
-    their benign distributions and the per-prompt aggregates. The threshold per statistic is the
-    ``THRESHOLD_QUANTILE`` of leave-one-out benign reference cell scores; ``heldout`` prompts are then scored and
-    the flagged share is the measured FPR.
+    The prompts' activations are kept in memory (``n_prompts × pos × d_model`` per site: fine for the tens to
+    hundreds of short prompts a scenario ships). Per site and role: centre and scale; the cross-fitted benign token
+    statistics give the role's calibration and each prompt's aggregate. The threshold per statistic is the
+    ``THRESHOLD_QUANTILE`` of the leave-one-out benign reference cell scores; the ``heldout`` prompts are then scored
+    and the flagged share of their prompt × site cells is the measured FPR.
+
+    Example:
+        >>> base = build_baseline(handle, benign_prompts, heldout=more_benign_prompts)  # doctest: +SKIP
+        >>> base.save("gpt2.baseline.h5"); base.heldout_fprs  # doctest: +SKIP
 
     Raises:
         CFError: fewer than 4 prompts, or an unknown statistic/compressor.
         BaselineError: cancelled (nothing half-built is returned).
     """
     stats = (statistic,) if isinstance(statistic, str) else tuple(statistic)
+    if not stats:
+        raise CFError("no statistic to build a baseline for")
     for s in stats:
         if s not in STATISTICS:
             raise CFError(f"unknown statistic {s!r}; expected one of {', '.join(STATISTICS)}")
     if compressor not in COMPRESSORS:
         raise CFError(f"unknown compressor {compressor!r}; expected one of {', '.join(COMPRESSORS)}")
-    prompts = [p for p in prompts]
+    prompts = [str(p) for p in prompts]
+    heldout = [str(p) for p in heldout]
     if len(prompts) < 4:
         raise CFError(f"a CF baseline needs at least 4 benign reference prompts (got {len(prompts)})")
     keys = [(i, s) for i in range(handle.n_layers) for s in sites]
-    total = len(prompts) + len(heldout)
+    total = len(prompts) + len(keys) + len(heldout)
     runs: list[dict[SiteKey, np.ndarray]] = []
     for n, p in enumerate(prompts):
         if _cancelled(cancel):
@@ -394,51 +661,48 @@ def build_baseline(handle, prompts: Sequence[str], *, statistic: str | Sequence[
         runs.append(_forward_sites(handle, p, keys))
         if progress:
             progress(n + 1, total, "baseline: benign reference runs")
-    n_pos = [next(iter(r.values())).shape[0] for r in runs]
+    lengths = [r[keys[0]].shape[0] for r in runs]
+    folds = length_folds(lengths)
+    length_fold = {} if len(set(lengths)) < 2 else {int(n): int(f) for n, f in zip(lengths, folds)}
     data: dict[SiteKey, SiteBaseline] = {}
     loo: dict[str, list[float]] = {s: [] for s in stats}
-    for key in keys:
+    for n, key in enumerate(keys):
         if _cancelled(cancel):
             raise BaselineError("baseline build cancelled")
-        allx = np.concatenate([r[key] for r in runs], axis=0)
-        center, scale = _robust_center_scale(allx.astype(np.float64))
-        sb = SiteBaseline(center=center.astype(np.float32), scale=scale.astype(np.float32))
-        zs = [standardise(r[key], sb.center, sb.scale) for r in runs]
+        sb = _calibrate_site([r[key] for r in runs], stats, compressor, levels, folds)
         for st in stats:
-            per = [token_statistic(st, z, compressor) for z in zs]
-            rest = np.concatenate([v[1:] for v in per]) if any(v.size > 1 for v in per) else np.concatenate(per)
-            m, s = _robust_1d(rest)
-            m0, s0 = _robust_1d(np.array([v[0] for v in per]))
-            sb.tok[st] = (m, s, m0, s0)
-            aggs = np.array([_aggregate(_token_scores(sb, st, v), npos) for v, npos in zip(per, n_pos)])
-            sb.agg[st] = aggs
+            aggs = sb.agg[st]
             for i in range(aggs.size):  # leave-one-out score of each benign reference cell
-                others = np.delete(aggs, i)
-                loo[st].append(_agg_score(float(aggs[i]), others)[0])
+                loo[st].append(_agg_score(float(aggs[i]), np.delete(aggs, i))[0])
         data[key] = sb
+        if progress:
+            progress(len(prompts) + n + 1, total, f"baseline: calibrating layer {key[0]} {key[1]}")
+    del runs
     thresholds = {st: max(MIN_THRESHOLD, float(np.quantile(np.array(loo[st]), THRESHOLD_QUANTILE))) for st in stats}
     base = Baseline(weights_sha256=handle.weights_sha256(), n_layers=handle.n_layers, sites=tuple(sites),
                     d_model=int(handle.d_model), statistics=stats, compressor=compressor, levels=levels,
-                    prompts=prompts, heldout=list(heldout), sites_data=data, thresholds=thresholds,
-                    heldout_fprs={st: None for st in stats}, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    prompts=prompts, heldout=heldout, sites_data=data, thresholds=thresholds,
+                    heldout_fprs={st: None for st in stats}, heldout_prompt_fprs={st: None for st in stats},
+                    length_fold=length_fold, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     program=_program())
     base.baseline_id = hashlib.sha256((base.weights_sha256 + base.prompts_hash + ",".join(stats) + compressor
-                                       + str(levels)).encode()).hexdigest()[:16]
+                                       + str(levels) + f"v{SCHEMA_VERSION}").encode()).hexdigest()[:16]
     if heldout:
         flagged = {st: 0 for st in stats}
-        cells = 0
+        prompts_flagged = {st: 0 for st in stats}
         for n, p in enumerate(heldout):
             if _cancelled(cancel):
                 raise BaselineError("baseline build cancelled")
             acts = _forward_sites(handle, p, keys)
             for st in stats:
-                for key in keys:
-                    ls = score_site(base, key, acts[key], acts[key].shape[0], st)
-                    flagged[st] += ls.flagged
-            cells += len(keys)
+                k = sum(score_site(base, key, acts[key], acts[key].shape[0], st).flagged for key in keys)
+                flagged[st] += k
+                prompts_flagged[st] += k > 0
             if progress:
-                progress(len(prompts) + n + 1, total, "baseline: held-out benign runs")
+                progress(len(prompts) + len(keys) + n + 1, total, "baseline: held-out benign runs")
+        cells = len(heldout) * len(keys)
         base.heldout_fprs = {st: flagged[st] / cells for st in stats}
+        base.heldout_prompt_fprs = {st: prompts_flagged[st] / len(heldout) for st in stats}
         base.heldout_counts = {st: cells for st in stats}
     return base
 
@@ -448,31 +712,70 @@ def _program() -> str:
         from importlib.metadata import version
 
         return f"model-forensics-workbench {version('model-forensics-workbench')}"
-    except Exception:
+    except Exception:  # noqa: BLE001 - not installed as a distribution: the name alone
         return "model-forensics-workbench"
+
+
+def token_scores(base: Baseline, key: SiteKey, x: np.ndarray, n_prompt: int, statistic: str
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Token score ``[pos]`` and raw statistic ``[pos]`` of one site's activation ``x`` ``[pos, d_model]``.
+
+    Raises:
+        CFError: the baseline lacks the site or the statistic, or ``x`` has the wrong shape.
+    """
+    sb = base.sites_data.get(key)
+    if sb is None:
+        raise CFError(f"the baseline has no site {key}")
+    if statistic not in sb.agg:
+        raise CFError(f"the baseline holds no {statistic!r} statistic (has {', '.join(base.statistics)})")
+    x = np.asarray(x)
+    if x.ndim != 2 or x.shape[1] != base.d_model:
+        raise CFError(f"activation of {key} has shape {tuple(x.shape)}; expected [positions, {base.d_model}]")
+    roles = [r if r in sb.roles else "body" for r in position_roles(x.shape[0], n_prompt)]
+    stat = _site_statistic(sb, x, roles, statistic, base.compressor, base.levels,
+                           base.length_fold.get(int(n_prompt)))
+    return _token_scores(sb, statistic, roles, stat), stat
 
 
 def score_site(base: Baseline, key: SiteKey, x: np.ndarray, n_prompt: int, statistic: str) -> LayerScore:
     """Score one site's activation ``x`` ``[pos, d_model]`` (first ``n_prompt`` positions are the prompt)."""
-    sb = base.sites_data.get(key)
-    if sb is None:
-        raise CFError(f"the baseline has no site {key}")
-    if statistic not in sb.tok:
-        raise CFError(f"the baseline holds no {statistic!r} statistic (has {', '.join(base.statistics)})")
-    z = standardise(x, sb.center, sb.scale)
-    stat = token_statistic(statistic, z, base.compressor)
-    ts = _token_scores(sb, statistic, stat)
+    ts, stat = token_scores(base, key, x, n_prompt, statistic)
     agg = _aggregate(ts, n_prompt)
-    score, p = _agg_score(agg, sb.agg[statistic])
+    score, p = _agg_score(agg, base.sites_data[key].agg[statistic])
     thr = base.thresholds[statistic]
     return LayerScore(layer=key[0], site=key[1], statistic=float(np.mean(stat[:max(1, n_prompt)])), score=score,
                       p_value=p, flagged=bool(score > thr), position_scores=tuple(float(v) for v in ts),
                       aggregate=agg)
 
 
+def position_anomaly(scores: Sequence[LayerScore]) -> tuple[float, ...]:
+    """Median over ``scores`` (sites) of the token score at each position."""
+    if not scores:
+        return ()
+    n = max(len(s.position_scores) for s in scores)
+    m = np.full((len(scores), n), np.nan)
+    for i, s in enumerate(scores):
+        m[i, :len(s.position_scores)] = s.position_scores
+    out = []
+    for p in range(n):
+        col = m[:, p][np.isfinite(m[:, p])]
+        out.append(float(np.median(col)) if col.size else float("nan"))
+    return tuple(out)
+
+
 # ----- baseline file ----------------------------------------------------------------------------------------------
+def _str_array(values: Sequence[str]) -> np.ndarray:
+    import h5py
+
+    return np.array(list(values), dtype=h5py.string_dtype())
+
+
 def save_baseline(base: Baseline, path: str | os.PathLike) -> Path:
-    """Write ``base`` to HDF5 (temporary name, then rename). See docs/cf.md for the layout."""
+    """Write ``base`` to HDF5 (a temporary name, then renamed). ``docs/cf.md`` documents the layout.
+
+    Raises:
+        BaselineError: the file cannot be written.
+    """
     import h5py
 
     path = Path(path)
@@ -487,30 +790,53 @@ def save_baseline(base: Baseline, path: str | os.PathLike) -> Path:
             f.attrs["weights_sha256"] = base.weights_sha256
             f.attrs["n_layers"] = base.n_layers
             f.attrs["d_model"] = base.d_model
-            f.attrs["sites"] = json.dumps(list(base.sites))
-            f.attrs["statistics"] = json.dumps(list(base.statistics))
+            f.attrs["sites"] = _str_array(base.sites)
+            f.attrs["statistics"] = _str_array(base.statistics)
+            f.attrs["roles"] = _str_array(ROLES)
             f.attrs["compressor"] = base.compressor
             f.attrs["levels"] = base.levels
+            f.attrs["folds"] = next(iter(next(iter(base.sites_data.values())).roles.values())).center.shape[0]
             f.attrs["prompts_hash"] = base.prompts_hash
-            f.attrs["thresholds_json"] = json.dumps(base.thresholds)
-            f.attrs["heldout_fprs_json"] = json.dumps(base.heldout_fprs)
-            f.attrs["heldout_counts_json"] = json.dumps(base.heldout_counts)
+            f.create_dataset("length_fold", data=np.array(sorted(base.length_fold.items()), dtype=np.int64)
+                             .reshape(-1, 2))
             st = h5py.string_dtype()
             f.create_dataset("prompts", data=np.array(base.prompts, dtype=object), dtype=st)
             f.create_dataset("heldout", data=np.array(base.heldout, dtype=object), dtype=st)
+            gs = f.create_group("statistics")
+            for s in base.statistics:
+                h = gs.create_group(s)
+                h.attrs["threshold"] = float(base.thresholds[s])
+                fpr = base.heldout_fprs.get(s)
+                h.attrs["heldout_fpr"] = float("nan") if fpr is None else float(fpr)
+                pf = base.heldout_prompt_fprs.get(s)
+                h.attrs["heldout_prompt_fpr"] = float("nan") if pf is None else float(pf)
+                h.attrs["heldout_cells"] = int(base.heldout_counts.get(s, 0))
             g = f.create_group("sites")
             for (layer, site), sb in base.sites_data.items():
                 h = g.require_group(f"L{layer:03d}").create_group(site)
-                h.create_dataset("center", data=sb.center.astype(np.float32))
-                h.create_dataset("scale", data=sb.scale.astype(np.float32))
                 for s in base.statistics:
-                    h.create_dataset(f"{s}_token", data=np.array(sb.tok[s], dtype=np.float64))
                     h.create_dataset(f"{s}_agg", data=sb.agg[s].astype(np.float64))
+                for r, rb in sb.roles.items():
+                    k = h.create_group(r)
+                    k.create_dataset("center", data=rb.center.astype(np.float32))
+                    k.create_dataset("scale", data=rb.scale.astype(np.float32))
+                    for s in base.statistics:
+                        k.create_dataset(f"{s}_calib", data=np.array(rb.calib[s], dtype=np.float64))
         os.replace(tmp, path)
+    except OSError as exc:
+        raise BaselineError(f"cannot write the CF baseline {path}: {exc.strerror or exc}") from None
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _text(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _texts(v) -> list[str]:
+    return [_text(x) for x in np.atleast_1d(v)]
 
 
 def load_baseline(path: str | os.PathLike, *, weights_sha256: str | None = None) -> Baseline:
@@ -530,61 +856,99 @@ def load_baseline(path: str | os.PathLike, *, weights_sha256: str | None = None)
         raise BaselineError(f"{path.name} is not an HDF5 file") from None
     try:
         with f:
-            def attr(name):
-                if name not in f.attrs:
-                    raise BaselineError(f"{path.name}: missing attribute {name!r}")
-                v = f.attrs[name]
+            def attr(obj, name, where="/"):
+                if name not in obj.attrs:
+                    raise BaselineError(f"{path.name}: missing attribute {name!r} at {where}")
+                v = obj.attrs[name]
                 if isinstance(v, bytes):
                     v = v.decode()
                 return v.item() if isinstance(v, np.generic) else v
 
             fmt = f.attrs.get("format")
-            fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
+            fmt = _text(fmt) if fmt is not None else None
             if fmt != FORMAT_NAME:
                 raise BaselineError(f"{path.name} is not a CF baseline (format={fmt!r})")
-            if attr("schema_version") != SCHEMA_VERSION:
-                raise BaselineError(f"{path.name}: baseline schema version {attr('schema_version')!r} is not "
-                                    f"supported (this program reads {SCHEMA_VERSION})")
-            sha = str(attr("weights_sha256"))
+            version = attr(f, "schema_version")
+            if version != SCHEMA_VERSION:
+                raise BaselineError(f"{path.name}: baseline schema version {version!r} is not supported (this "
+                                    f"program reads {SCHEMA_VERSION}; rebuild it with `forensics baseline build`)")
+            sha = str(attr(f, "weights_sha256"))
             if weights_sha256 is not None and sha != weights_sha256:
-                raise BaselineError(f"{path.name} was built for another model (weights sha256 {sha[:12]}… vs "
-                                    f"{weights_sha256[:12]}…)")
-            stats = tuple(json.loads(attr("statistics")))
-            sites = tuple(json.loads(attr("sites")))
-            n_layers = int(attr("n_layers"))
+                raise BaselineError(f"{path.name} was built for another model: weights sha256 {sha[:12]}… does "
+                                    f"not match the model's {weights_sha256[:12]}…")
+            stats = tuple(_texts(attr(f, "statistics")))
+            sites = tuple(_texts(attr(f, "sites")))
+            roles_stored = tuple(_texts(attr(f, "roles")))
+            if roles_stored != ROLES:
+                raise BaselineError(f"{path.name}: built with positional roles {list(roles_stored)}, this program "
+                                    f"uses {list(ROLES)}; rebuild it")
+            for s in stats:
+                if s not in STATISTICS:
+                    raise BaselineError(f"{path.name}: unknown statistic {s!r}")
+            n_layers = int(attr(f, "n_layers"))
+            d_model = int(attr(f, "d_model"))
+            n_folds = int(attr(f, "folds"))
+            if n_folds < 1:
+                raise BaselineError(f"{path.name}: folds = {n_folds}")
             data = {}
             for layer in range(n_layers):
                 for site in sites:
-                    h = f[f"sites/L{layer:03d}/{site}"]
-                    sb = SiteBaseline(center=h["center"][()], scale=h["scale"][()])
+                    where = f"sites/L{layer:03d}/{site}"
+                    if where not in f:
+                        raise BaselineError(f"{path.name}: missing group /{where}")
+                    h = f[where]
+                    roles = {}
+                    for r in ROLES:
+                        if r not in h:
+                            continue
+                        k = h[r]
+                        rb = RoleBaseline(center=k["center"][()], scale=k["scale"][()])
+                        if rb.center.shape != (n_folds, d_model) or rb.scale.shape != (n_folds, d_model):
+                            raise BaselineError(f"{path.name}: /{where}/{r} centre/scale are not "
+                                                f"[{n_folds}, {d_model}]")
+                        if not (np.all(np.isfinite(rb.center)) and np.all(rb.scale > 0)):
+                            raise BaselineError(f"{path.name}: /{where}/{r} has non-finite or non-positive values")
+                        for s in stats:
+                            cal = k[f"{s}_calib"][()]
+                            if cal.shape != (3,) or not np.all(np.isfinite(cal)) or cal[1] <= 0 or cal[2] <= 0:
+                                raise BaselineError(f"{path.name}: /{where}/{r}/{s}_calib is malformed")
+                            rb.calib[s] = tuple(float(v) for v in cal)
+                        roles[r] = rb
+                    if "body" not in roles:
+                        raise BaselineError(f"{path.name}: /{where} has no 'body' role")
+                    sb = SiteBaseline(roles=roles)
                     for s in stats:
-                        tok = h[f"{s}_token"][()]
-                        sb.tok[s] = tuple(float(v) for v in tok)
                         sb.agg[s] = h[f"{s}_agg"][()].astype(np.float64)
                     data[(layer, site)] = sb
-            dec = (lambda v: v.decode() if isinstance(v, bytes) else str(v))
-            base = Baseline(weights_sha256=sha, n_layers=n_layers, sites=sites, d_model=int(attr("d_model")),
-                            statistics=stats, compressor=str(attr("compressor")), levels=int(attr("levels")),
-                            prompts=[dec(v) for v in f["prompts"][()]], heldout=[dec(v) for v in f["heldout"][()]],
-                            sites_data=data, thresholds={k: float(v) for k, v in json.loads(attr("thresholds_json")).items()},
-                            heldout_fprs=json.loads(attr("heldout_fprs_json")),
-                            heldout_counts=json.loads(attr("heldout_counts_json")), created=str(attr("created")),
-                            program=str(attr("program")), baseline_id=str(attr("baseline_id")))
+            thresholds, fprs, pfprs, counts = {}, {}, {}, {}
+            for s in stats:
+                g = f[f"statistics/{s}"]
+                thresholds[s] = float(attr(g, "threshold", f"/statistics/{s}"))
+                v = float(attr(g, "heldout_fpr", f"/statistics/{s}"))
+                fprs[s] = None if math.isnan(v) else v
+                v = float(attr(g, "heldout_prompt_fpr", f"/statistics/{s}"))
+                pfprs[s] = None if math.isnan(v) else v
+                counts[s] = int(attr(g, "heldout_cells", f"/statistics/{s}"))
+            base = Baseline(weights_sha256=sha, n_layers=n_layers, sites=sites, d_model=d_model,
+                            statistics=stats, compressor=str(attr(f, "compressor")), levels=int(attr(f, "levels")),
+                            prompts=[_text(v) for v in f["prompts"][()]], heldout=[_text(v) for v in f["heldout"][()]],
+                            sites_data=data, thresholds=thresholds, heldout_fprs=fprs, heldout_counts=counts,
+                            heldout_prompt_fprs=pfprs, created=str(attr(f, "created")),
+                            program=str(attr(f, "program")), baseline_id=str(attr(f, "baseline_id")))
+            stored_hash = str(attr(f, "prompts_hash"))
+            lf = f["length_fold"][()]
+            if lf.ndim != 2 or lf.shape[1] != 2 or (lf.size and not (0 <= lf[:, 1].min() and lf[:, 1].max() < n_folds)):
+                raise BaselineError(f"{path.name}: /length_fold is malformed")
+            base.length_fold = {int(a): int(b) for a, b in lf}
     except BaselineError:
         raise
     except (KeyError, ValueError, TypeError, OSError) as exc:
         raise BaselineError(f"{path.name}: malformed CF baseline ({exc})") from None
-    if base.prompts_hash != attr_hash(path):
+    if base.compressor not in COMPRESSORS:
+        raise BaselineError(f"{path.name}: unknown compressor {base.compressor!r}")
+    if base.prompts_hash != stored_hash:
         raise BaselineError(f"{path.name}: prompts do not match the stored prompts hash")
     return base
-
-
-def attr_hash(path: Path) -> str:
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        v = f.attrs["prompts_hash"]
-        return v.decode() if isinstance(v, bytes) else str(v)
 
 
 # ----- cache ------------------------------------------------------------------------------------------------------
@@ -603,14 +967,20 @@ def _fits(base: Baseline, sha: str, statistic: str, prompts, heldout, compressor
             and base.prompts_hash == prompts_hash(prompts, heldout))
 
 
+def bundle_prompts(bundle) -> tuple[list[str], list[str]]:
+    """The bundle's benign reference prompts and held-out benign prompts."""
+    prompts = list(getattr(bundle, "benign_prompts", None) or [])
+    heldout = list(getattr(bundle, "prompt_sets", {}).get("benign_heldout", []))
+    return prompts, heldout
+
+
 def baseline_for_bundle(bundle, handle, *, statistic: str = DEFAULT_STATISTIC, compressor: str = DEFAULT_COMPRESSOR,
                         progress: Progress | None = None, cancel: threading.Event | None = None) -> Baseline:
     """A cached baseline that fits (same weights, statistic, prompts) or a freshly built and cached one."""
-    prompts = list(getattr(bundle, "benign_prompts", None) or [])
+    prompts, heldout = bundle_prompts(bundle)
     if not prompts:
         raise CFError("the bundle has no benign reference prompts; build a baseline with "
                       "`forensics baseline build` and pass --baseline")
-    heldout = list(bundle.prompt_sets.get("benign_heldout", []))
     sha = bundle.model_info["weights_sha256"]
     paths = baseline_cache_paths(Path(bundle.path), sha)
     for p in paths:
@@ -628,7 +998,7 @@ def baseline_for_bundle(bundle, handle, *, statistic: str = DEFAULT_STATISTIC, c
             p.parent.mkdir(parents=True, exist_ok=True)
             save_baseline(base, p)
             break
-        except OSError:
+        except (OSError, BaselineError):
             continue
     return base
 
@@ -655,15 +1025,15 @@ def score_activations(base: Baseline, acts: Mapping[SiteKey, np.ndarray], n_prom
 
 
 def findings_from(scores: Sequence[LayerScore], threshold: float, max_positions: int = 3) -> list[Finding]:
-    """Flagged sites, most anomalous first; positions = those whose token score exceeds the threshold (else the
-    top ``max_positions``)."""
+    """Flagged sites, most anomalous first; positions = those whose token score exceeds the threshold (at most 8,
+    else the top ``max_positions``)."""
     out = []
     for s in scores:
         if not s.flagged:
             continue
-        ps = np.array(s.position_scores)
-        over = [int(i) for i in np.argsort(-ps) if ps[i] > threshold][:8]
-        pos = over or [int(i) for i in np.argsort(-ps)[:max_positions]]
+        ps = np.nan_to_num(np.array(s.position_scores, dtype=np.float64), nan=-np.inf)
+        over = [int(i) for i in np.argsort(-ps, kind="stable") if ps[i] > threshold][:8]
+        pos = over or [int(i) for i in np.argsort(-ps, kind="stable")[:max_positions]]
         out.append(Finding(s.layer, s.site, tuple(sorted(pos)), s.score, s.p_value))
     out.sort(key=lambda f: (-f.score, f.layer))
     return out
@@ -678,6 +1048,11 @@ def run_cf(bundle, handle=None, *, baseline: Baseline | None = None, statistic: 
     Without ``baseline`` one is loaded from the cache or built from the bundle's benign reference prompts (needs
     the model: ``handle`` or the bundle's embedded weights). ``on_layer(LayerScore)`` is called per site as soon as
     it is scored; ``cancel`` returns what was scored so far with ``partial=True``.
+
+    Example:
+        >>> with open_bundle("incident.h5") as b:  # doctest: +SKIP
+        ...     res = run_cf(b, statistic="distance")
+        ...     order = res.order_candidates(candidate_sites(b, handle))
 
     Raises:
         BaselineError: the baseline belongs to another model.
@@ -700,13 +1075,17 @@ def run_cf(bundle, handle=None, *, baseline: Baseline | None = None, statistic: 
             if _cancelled(cancel):
                 return CFResult(statistic=statistic, threshold=float("nan"), scores=[], findings=[],
                                 heldout_fpr=None, baseline_id="", weights_sha256=sha,
-                                seconds=time.perf_counter() - t0, partial=True, bundle_uuid=bundle.uuid)
+                                seconds=time.perf_counter() - t0, partial=True, bundle_uuid=bundle.uuid,
+                                n_prompt_tokens=int(bundle.n_prompt_tokens))
             raise
     if baseline.weights_sha256 != sha:
-        raise BaselineError(f"the baseline was built for another model (weights sha256 "
-                            f"{baseline.weights_sha256[:12]}… vs the bundle's {sha[:12]}…)")
+        raise BaselineError(f"the baseline was built for another model: weights sha256 "
+                            f"{baseline.weights_sha256[:12]}… does not match the bundle's {sha[:12]}…")
     if statistic not in baseline.statistics:
         raise CFError(f"the baseline holds no {statistic!r} statistic (has {', '.join(baseline.statistics)})")
+    if baseline.d_model != int(bundle.model_info.get("d_model", baseline.d_model)):
+        raise BaselineError(f"the baseline has d_model {baseline.d_model}, the bundle's model "
+                            f"{bundle.model_info.get('d_model')}")
 
     keys = [(i, s) for i in range(baseline.n_layers) for s in baseline.sites if s in bundle.sites]
     scores: list[LayerScore] = []
@@ -726,4 +1105,5 @@ def run_cf(bundle, handle=None, *, baseline: Baseline | None = None, statistic: 
                     heldout_fpr=baseline.heldout_fprs.get(statistic), baseline_id=baseline.baseline_id,
                     weights_sha256=sha, seconds=time.perf_counter() - t0, partial=partial,
                     n_baseline_prompts=baseline.n_prompts, n_heldout=len(baseline.heldout),
-                    compressor=baseline.compressor, bundle_uuid=bundle.uuid)
+                    compressor=baseline.compressor, bundle_uuid=bundle.uuid,
+                    position_anomaly=position_anomaly(scores), n_prompt_tokens=int(bundle.n_prompt_tokens))
