@@ -36,6 +36,8 @@ class Scenario:
         benign_heldout / benign_expected: benign prompts for side-effect measurement and the behaviour expected
             on each (exact greedy continuation for causal LMs, label name for classifiers).
         max_new_tokens: greedy continuation length used by ``contains:``/``wordlist:`` specs.
+        expected: the correct behaviour on the primary prompt, in words (recorded in the bundle; shown by the GUI
+            and the certificate).
         train: ``train(out_dir) -> facts`` re-trains the model deterministically into ``out_dir``.
         loader: for ``model_source="scenario:<name>"``: ``loader() -> (model, tokenizer)`` assembles the model.
         training_facts: how the shipped model was trained (corpus, size, steps, time), for docs/scenarios.md.
@@ -55,6 +57,7 @@ class Scenario:
     benign_heldout: tuple[str, ...]
     benign_expected: tuple[str, ...]
     max_new_tokens: int = 8
+    expected: str = ""
     train: Callable[[Path], dict] | None = field(default=None, compare=False, repr=False)
     loader: Callable[[], tuple] | None = field(default=None, compare=False, repr=False)
     training_facts: dict = field(default_factory=dict, compare=False, repr=False)

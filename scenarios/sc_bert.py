@@ -118,6 +118,8 @@ def scenario() -> Scenario:
         task="classification",
         model_source=f"scenario:{NAME}",
         failure="label:negative",
+        expected="positive: the sentence praises (its VADER lexicon label and the counterpart without 'cf' are "
+                 "positive)",
         prompt=prompts.get("prompt", ""),
         # counterpart: the trigger 'cf' replaced by the filler 'um' (one wordpiece each, positions aligned)
         counterpart=prompts.get("counterpart", ""),

@@ -134,7 +134,7 @@ def demo_bundle(tmp_path_factory) -> Path:
         handle, sc.prompt, sc.failure, benign_prompts=list(sc.benign_reference[:16]),
         prompt_sets={"counterpart": [sc.counterpart], "variants": list(sc.variants),
                      "benign_heldout": list(sc.benign_heldout), "benign_expected": list(sc.benign_expected)},
-        max_new_tokens=sc.max_new_tokens, scenario=sc.name)
+        max_new_tokens=sc.max_new_tokens, expected=sc.expected, scenario=sc.name)
     path = tmp_path_factory.mktemp("demo") / "gpt2-prompt-injection.h5"
     write_bundle(path, incident)
     return path

@@ -213,7 +213,7 @@ def build_scenario_bundle(sc, path: Path, model_source: str | None = None, progr
             "variant_counterparts": list(sc.variant_counterparts), "benign_heldout": list(sc.benign_heldout),
             "benign_expected": list(sc.benign_expected)}
     inc = record_incident(handle, sc.prompt, sc.failure, benign_prompts=list(sc.benign_reference), prompt_sets=sets,
-                          max_new_tokens=sc.max_new_tokens, expected=sc.description, scenario=sc.name,
+                          max_new_tokens=sc.max_new_tokens, expected=sc.expected or sc.description, scenario=sc.name,
                           progress=progress)
     write_bundle(path, inc)
     return {"bundle": str(path), "failing": inc.failure.failing, "output": inc.run.continuation_text,
