@@ -37,6 +37,7 @@ def test_bar_plot_draws_scores_threshold_and_click(qtbot):
     assert [h for _, h in plot.bar_heights("attn")] == [0.0, 0.5, 1.0]
     assert [h for _, h in plot.bar_heights("mlp")] == [1.0, 1.5, 2.0]
     assert plot.threshold_line.isVisible() and plot.threshold_line.value() == 1.5
+    assert plot.threshold_line.label.toPlainText() == "threshold 1.50"   # the label shows the value too
     assert "p = 0.167" in plot.tooltip_for(2, "attn") and "FLAGGED" in plot.tooltip_for(2, "attn")
 
     hits = []

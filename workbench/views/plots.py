@@ -70,7 +70,8 @@ class AnomalyBarPlot(pg.PlotWidget):
         _styled_plot(self, "anomaly score", "layer", left_units="robust z")
         self.plotItem.setMouseEnabled(x=False, y=False)
         self.plotItem.hideButtons()
-        self.legend = self.plotItem.addLegend(offset=(-10, 10), labelTextColor=(30, 30, 30))
+        # one legend row at the top right; set_scores leaves head room above the tallest bar for it
+        self.legend = self.plotItem.addLegend(offset=(-10, 4), labelTextColor=(30, 30, 30), colCount=4)
         self.threshold_line = pg.InfiniteLine(
             pos=0.0, angle=0, movable=False,
             pen=pg.mkPen((200, 30, 30), width=2, style=Qt.PenStyle.DashLine),
@@ -142,13 +143,13 @@ class AnomalyBarPlot(pg.PlotWidget):
                         pens=pens or None)
         if threshold is not None and math.isfinite(float(threshold)):
             self.threshold = float(threshold)
+            self.threshold_line.setVisible(True)   # before setValue: a hidden line's label ignores the new value
             self.threshold_line.setValue(self.threshold)
-            self.threshold_line.setVisible(True)
         ys = [self._height(v) for v in self.scores.values()] + ([self.threshold] if self.threshold is not None else [])
         if ys:
             lo, hi = min(0.0, min(ys)), max(0.0, max(ys))
-            pad = 0.08 * (hi - lo or 1.0)
-            self.plotItem.setYRange(lo - pad, hi + pad, padding=0)
+            span = hi - lo or 1.0
+            self.plotItem.setYRange(lo - 0.06 * span, hi + 0.16 * span, padding=0)
 
     @staticmethod
     def _height(score) -> float:
