@@ -1228,14 +1228,14 @@ def _run_cca(bundle, handle: ModelHandle, *, cf, op, beam, max_size, n_controls,
         chooser = _Chooser(inc)
         srch = _Search(inc, cands, prior, ranking, top_m, chooser, budget, state, step, rank_info)
         srch.size1()
-        found = chooser.best()
         size = 1
         beams = srch.best_singles(beam)
-        while found is None and size < max_size and beams:
+        # larger sets while nothing fixes, or while no fix is specific enough ("clean", see _Chooser.clean)
+        while not chooser.clean() and size < max_size and beams:
             size += 1
             prog(1, f"search: size {size}")
             beams = srch.extend(beams, beam)
-            found = chooser.best()
+        found = chooser.best()
         rank_info["selection"] = chooser.table()
         rank_info["rounds"] = srch.rounds
         if found is not None:
@@ -1393,12 +1393,12 @@ class _Search:
         if not self.state["best"] or best[1] < self.state["best_metric"]:
             self.state["best"], self.state["best_metric"] = best
         fixing = [(s, r.metric) for s, r in zip(sets, tf) if self.inc.fixed_tf(r)]
+        self.step("search", self.state["best_metric"], len(sets[0]))
         self.budget.stage = "select"
         self.chooser.consider(fixing)
         self.budget.stage = "search"
         self.rounds.append({"round": name, "evaluated": len(sets), "fixing_teacher_forced": len(fixing),
                             "passes": self.budget.passes, "rows": self.budget.rows})
-        self.step("search", self.state["best_metric"], len(sets[0]))
 
     def size1(self) -> None:
         inc, cands = self.inc, self.cands
@@ -1437,7 +1437,10 @@ class _Search:
             self.info["spearman_scope"] = "every single site evaluated exactly during the search"
 
     def best_singles(self, beam: int) -> list[tuple[tuple[Intervention, ...], float]]:
-        return sorted(self.evaluated.values(), key=lambda t: t[1])[:beam]
+        """Beam start: the ``beam`` single sites with the lowest metric that do not fix on their own (a superset of
+        a fixing set is never 1-minimal)."""
+        return sorted((t for t in self.evaluated.values() if t[1] > -self.inc.margin),
+                      key=lambda t: t[1])[:beam]
 
     def extend(self, beams, beam: int):
         """One beam step: each state extended by its ``top_m`` ranked candidates and the decision / hot position
@@ -1460,7 +1463,8 @@ class _Search:
                     seen.add(s)
                     ext.append(s)
         self._round(f"size {len(beams[0][0]) + 1} extensions", ext)
-        return sorted((self.evaluated[_skey(s)] for s in ext), key=lambda t: t[1])[:beam]
+        return sorted((t for t in (self.evaluated[_skey(s)] for s in ext) if t[1] > -self.inc.margin),
+                      key=lambda t: t[1])[:beam]
 
 
 def _refine(inc: _Incident, fix: list[Intervention], step, state) -> list[Intervention]:
