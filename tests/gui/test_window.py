@@ -36,6 +36,11 @@ def test_open_shows_incident_and_title(window, demo_bundle):
     assert b.failure_spec in text and "FAILS" in text
     assert b.continuation_text.strip()[:20] in text
     assert window.act_close.isEnabled() and window.act_run_cf.isEnabled()
+    assert "Expected" in text and b.expected in text and "log-prob of the failing text" in text
+    # the panel is as tall as its text: everything visible, no scroll bar, no empty band under it
+    panel = window.incident
+    assert panel.view.verticalScrollBar().maximum() == 0
+    assert panel.height() <= panel.view.document().size().height() + 20
 
 
 def test_open_via_file_dialog_and_recent_files(qtbot, demo_bundle, monkeypatch, boxes):

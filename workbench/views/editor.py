@@ -35,7 +35,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QFileDialog, QGridL
                                QVBoxLayout, QWidget)
 
 from engine.errors import ForensicsError, InterventionError
-from workbench.views.incident import FAIL_BG, FAIL_FG
+from workbench.views.incident import FAIL_BG, FAIL_FG, metric_name
 from workbench.views.plots import _fmt
 
 JOB = "replay-edit"
@@ -174,13 +174,6 @@ def row_problem(row: Row, bundle) -> str | None:
     if iv.op == "patch" and not bundle.prompt_sets.get("counterpart"):
         return "op 'patch' needs a counterpart prompt; this bundle has none"
     return None
-
-
-def metric_name(bundle) -> str:
-    kind = bundle.failure.kind if bundle is not None else ""
-    if kind in ("contains", "wordlist"):
-        return "log-prob of the failing text (nats; higher = more failing)"
-    return "logit margin of the failing outcome (higher = more failing)"
 
 
 # ----------------------------------------------------------------------------------------------------------------

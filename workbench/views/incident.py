@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import html
+import math
 
 from PySide6.QtCore import Qt, Slot
-from PySide6.QtWidgets import QFrame, QLabel, QScrollArea, QSizePolicy, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QFrame, QSizePolicy, QTextBrowser, QVBoxLayout, QWidget
 
 #: Background of the failing span's tokens (and of the failing output) — the same red the badges use.
 FAIL_BG = "#f8c4c4"
 FAIL_FG = "#8b0000"
+
+
+def metric_name(bundle) -> str:
+    """What the incident's failure metric measures, in words (higher = more failing for every spec kind)."""
+    kind = bundle.failure.kind if bundle is not None else ""
+    if kind in ("contains", "wordlist"):
+        return "log-prob of the failing text (nats; higher = more failing)"
+    return "logit margin of the failing outcome (higher = more failing)"
 
 
 def _tok(text: str) -> str:
@@ -41,42 +50,56 @@ def incident_html(bundle) -> str:
         f"<span style='font-family:monospace'>{' '.join(parts)}</span><br>"
         f"<b>Output</b> <span style='font-family:monospace'>{html.escape(output or '')}</span><br>"
         f"<b>Failure</b> <code>{html.escape(bundle.failure_spec)}</code> {verdict} "
-        f"metric = {bundle.failure_metric:.4g} (expected: {html.escape(bundle.expected or '—')})"
+        f"<span title='{html.escape(metric_name(bundle))}'>metric = {bundle.failure_metric:.4g}</span>"
+        f" <span style='color:#555'>({html.escape(metric_name(bundle).split(' (')[0])})</span><br>"
+        f"<b>Expected</b> {html.escape(bundle.expected or '—')}"
     )
 
 
 class IncidentPanel(QWidget):
-    """Prompt / output / failure of the open incident; follows the session's bundle_opened / bundle_closed."""
+    """Prompt / output / failure of the open incident; follows the session's bundle_opened / bundle_closed.
 
-    def __init__(self, session, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.session = session
-        self.label = QLabel()
-        self.label.setTextFormat(Qt.TextFormat.RichText)
-        self.label.setWordWrap(True)
-        self.label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.label.setAlignment(Qt.AlignmentFlag.AlignTop | Qt.AlignmentFlag.AlignLeft)
-        self.label.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
-        # a long prompt (hundreds of tokens) scrolls inside the panel instead of pushing the views off the window
-        self.scroll = QScrollArea()
-        self.scroll.setWidget(self.label)
-        self.scroll.setWidgetResizable(True)
-        self.scroll.setFrameShape(QFrame.Shape.NoFrame)
-        self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        self.scroll.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Maximum)
-        lay = QVBoxLayout(self)
-        lay.setContentsMargins(6, 4, 6, 4)
-        lay.addWidget(self.scroll)
-        session.bundle_opened.connect(self.on_bundle_opened)
-        session.bundle_closed.connect(self.on_bundle_closed)
-        self.refresh()
+    The text sits in a read-only :class:`QTextBrowser` that is exactly as tall as its text at the current width
+    (so the dock wastes no space) up to ``MAX_LINES`` lines; a longer prompt scrolls inside the panel.
+    """
 
     #: Most text lines the panel shows before it scrolls.
     MAX_LINES = 9
 
+    def __init__(self, session, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.session = session
+        self.view = QTextBrowser()
+        self.view.setFrameShape(QFrame.Shape.NoFrame)
+        self.view.setOpenLinks(False)
+        self.view.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.view.setStyleSheet("QTextBrowser { background: transparent; }")
+        self.view.document().setDocumentMargin(2)
+        self.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Fixed)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(6, 2, 6, 2)
+        lay.addWidget(self.view)
+        session.bundle_opened.connect(self.on_bundle_opened)
+        session.bundle_closed.connect(self.on_bundle_closed)
+        self.refresh()
+
     def refresh(self) -> None:
-        self.label.setText(incident_html(self.session.bundle))
-        self.scroll.setMaximumHeight(self.MAX_LINES * self.fontMetrics().lineSpacing() + 8)
+        self.view.setHtml(incident_html(self.session.bundle))
+        self._fit_height()
+
+    def _fit_height(self) -> None:
+        doc = self.view.document()
+        doc.setTextWidth(max(200, self.view.viewport().width()))
+        text_h = math.ceil(doc.size().height())
+        cap = self.MAX_LINES * self.fontMetrics().lineSpacing() + 2 * int(doc.documentMargin())
+        height = min(text_h, cap) + 2
+        self.view.setFixedHeight(height)
+        m = self.layout().contentsMargins()
+        self.setFixedHeight(height + m.top() + m.bottom())   # the dock cannot grow past its text
+
+    def resizeEvent(self, event) -> None:  # noqa: N802 - Qt naming
+        super().resizeEvent(event)
+        self._fit_height()
 
     @Slot(object)
     def on_bundle_opened(self, bundle) -> None:
@@ -88,8 +111,4 @@ class IncidentPanel(QWidget):
 
     def plain_text(self) -> str:
         """What the panel shows, as plain text (tests)."""
-        from PySide6.QtGui import QTextDocument
-
-        doc = QTextDocument()
-        doc.setHtml(self.label.text())
-        return doc.toPlainText()
+        return self.view.toPlainText()
