@@ -79,6 +79,7 @@ FOLDS = 5                     # cross-fitting folds (by prompt token length) for
 THRESHOLD_QUANTILE = 0.975    # of the leave-one-out benign reference cell scores
 MIN_THRESHOLD = 2.0           # never flag below a robust z of 2
 TAIL_Z = 1.6448536269514722   # standard normal 95th percentile: a benign token's score at its role's q95
+MIN_BITS_DIM = 64             # "bits" needs rows of at least this many values to resolve differences in cost
 SCALE_FLOOR = 0.01            # per-dim scale >= SCALE_FLOOR x the site's median per-dim scale
 FORMAT_NAME = "forensics.cf-baseline"
 SCHEMA_VERSION = 2
@@ -540,6 +541,7 @@ def _aggregate(scores: np.ndarray, n_prompt: int) -> float:
 
 def _agg_score(agg: float, bench: np.ndarray) -> tuple[float, float]:
     med, sc = _robust_1d(bench)
+    sc = max(sc, 0.1)  # token scores are z units: a spread below 0.1 is resolution, not signal
     z = (agg - med) / sc
     p = (1.0 + float(np.sum(bench >= agg))) / (1.0 + bench.size)
     return float(z), float(p)
@@ -636,16 +638,25 @@ def build_baseline(handle, prompts: Sequence[str], *, statistic: str | Sequence[
         >>> base = build_baseline(handle, benign_prompts, heldout=more_benign_prompts)  # doctest: +SKIP
         >>> base.save("gpt2.baseline.h5"); base.heldout_fprs  # doctest: +SKIP
 
+    ``"bits"`` is left out for models with ``d_model < MIN_BITS_DIM``: a quantised row of so few values barely
+    compresses, every token costs the same whole number of bytes and the statistic cannot tell tokens apart.
+
     Raises:
-        CFError: fewer than 4 prompts, or an unknown statistic/compressor.
+        CFError: fewer than 4 prompts, an unknown statistic/compressor, or only ``"bits"`` asked of a model too
+            narrow for it.
         BaselineError: cancelled (nothing half-built is returned).
     """
     stats = (statistic,) if isinstance(statistic, str) else tuple(statistic)
-    if not stats:
-        raise CFError("no statistic to build a baseline for")
     for s in stats:
         if s not in STATISTICS:
             raise CFError(f"unknown statistic {s!r}; expected one of {', '.join(STATISTICS)}")
+    if handle is not None and int(handle.d_model) < MIN_BITS_DIM and "bits" in stats:
+        stats = tuple(s for s in stats if s != "bits")
+        if not stats:
+            raise CFError(f"the 'bits' statistic needs d_model >= {MIN_BITS_DIM} (this model has "
+                          f"{handle.d_model}); use 'distance'")
+    if not stats:
+        raise CFError("no statistic to build a baseline for")
     if compressor not in COMPRESSORS:
         raise CFError(f"unknown compressor {compressor!r}; expected one of {', '.join(COMPRESSORS)}")
     prompts = [str(p) for p in prompts]
