@@ -216,12 +216,13 @@ def cmd_baseline_info(args) -> int:
     if not Path(args.file).is_file():
         raise CliError(f"baseline file not found: {args.file}")
     summary = load_baseline(args.file).summary()
-    summary["path"] = str(args.file)
+    summary.update({"path": str(args.file), "bytes": Path(args.file).stat().st_size})
     if args.json:
         print(json.dumps(summary))
         return EXIT_OK
-    print(f"CF baseline {args.file} ({summary['format']} v{summary['schema_version']}, id {summary['baseline_id']}, "
-          f"built {summary['created']} by {summary['program']})")
+    print(f"CF baseline {args.file} ({summary['bytes'] / 1e6:.2f} MB; {summary['format']} "
+          f"v{summary['schema_version']}, id {summary['baseline_id']}, built {summary['created']} by "
+          f"{summary['program']})")
     for line in _summary_lines(summary):
         print(line)
     return EXIT_OK
