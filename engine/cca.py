@@ -8,8 +8,8 @@ single-site results; ``docs/cca.md`` has the long form):
    and ``resid_post`` (``resid_post`` of block ``L`` equals ``resid_pre`` of block ``L+1``, so it is a candidate only
    for the last block), with position groups: every single prompt position and the last three prompt positions (the
    whole prompt at one site is already ~1/n_sites of the recorded values, above the 5% minimality target). Operation
-   ``mean`` (benign mean, default) or ``patch`` (the counterpart donor). After the search, an ``attn`` / ``mlp``
-   element is refined to the fewest attention heads / MLP neurons that still fix (``refine_units``).
+   ``mean`` (benign mean, default) or ``patch`` (the counterpart donor). Optionally (``refine_units``), after the
+   search an ``attn`` / ``mlp`` element is refined to the fewest attention heads / MLP neurons that still fix.
 2. **Search metric** — one continuous number per set, larger = more failing, ``> 0`` iff the incident still fails
    teacher-forced: for ``label:`` / ``token:`` the logit margin of the failing outcome over the best other (as
    recorded); for ``contains:`` / ``wordlist:`` the *smallest* logit margin of the recorded continuation's tokens over
@@ -20,18 +20,24 @@ single-site results; ``docs/cca.md`` has the long form):
 3. **Ranking** — attribution patching: one forward and one backward of the metric (a soft minimum over positions for
    generation incidents) with a zero tensor added at every site; ``grad · (replacement − activation)`` summed over a
    candidate's positions estimates its effect. Combined with the CF prior (``cf.prior()``, weight ``w`` in [0, 1]) as
-   ``estimate × (1 + w)``. Re-computed under the current set at every search step.
-4. **Search** — greedy (``beam=1``) or beam search: at each step, each beam state is extended by its ``top_m`` best
-   ranked candidates and all extensions are evaluated exactly, as batch rows of one replay (teacher-forced metric,
-   starting from the recorded residual stream of the lowest intervened block, with the shared prompt prefix run
-   once). A set *fixes* the incident when the metric is ``<= -margin`` (the failing outcome / continuation is beaten
-   by at least ``margin`` logits) **and**, for generation incidents, the greedy continuation generated under the set
-   no longer fails. Early stop at the first size with a fixing set. When several sets fix, the one chosen is the most
-   *specific*, in this order: fewest changed outputs on the bundle's benign **reference** prompts (never the held-out
-   ones), *sufficient* on the incident's counterpart (the failing run's activations at the set's sites, written into
-   the benign counterpart, re-create the failure), edits a sublayer's output (head/neuron < attn/mlp < residual
-   stream), lowest metric. Then **pruning** to a 1-minimal set (drop any element that is not needed) and refinement
-   of position groups and of attn/mlp elements to heads/neurons.
+   ``estimate × (1 + w)``. On the shipped scenarios this linear estimate is a weak guide (measured Spearman and ranks
+   in ``docs/cca.md``: the sites that fix can rank last), so it only orders the exact screening below.
+4. **Search** — every candidate set is evaluated exactly, as batch rows of one replay (teacher-forced metric, starting
+   from the recorded residual stream of the lowest intervened block, the shared prompt prefix run once). A set
+   *fixes* the incident when the metric is ``<= -margin`` (the failing outcome / continuation beaten by at least
+   ``margin`` logits) **and**, for generation incidents, the greedy continuation generated under the set no longer
+   fails. Single sites are screened in rounds, stopping after the first round that yields a *clean* fix (below):
+   (a) every component at the decision position (the last prompt token of a causal LM, the first of an encoder),
+   plus the ``top_m`` ranked sites; (b) token ablations (``resid_pre`` of block 0 at every position); (c) every
+   component at the (at most 3) positions whose token ablation moved the metric by ``>= margin``; (d) the remaining
+   sites in ranked order, 8, 16, 32, … per round. Without a clean single site, sets of 2, 3, … are grown by greedy /
+   beam search (``beam`` best non-fixing sets, each extended by its ``top_m`` ranked sites and the decision / hot
+   position sites). Of the sets that fix, the one chosen is the most *specific*: fewest changed outputs on the
+   bundle's benign **reference** prompts (never the held-out ones); then *sufficient* on the incident's counterpart
+   (the failing run's activations at the set's sites, written into the benign counterpart, re-create the failure);
+   then a sublayer's output before the residual stream (head/neuron < attn/mlp < resid); then lowest metric. *Clean*
+   = sufficient (or no counterpart) and changing at most 5% of the reference outputs. Then **pruning** to a 1-minimal
+   set (drop any element that is not needed) and refinement of position groups.
 5. **Evidence** (:func:`evaluate_fix_set`) — flip rate on the held-out failing variants (Wilson 95%), sufficiency
    (failing activations transplanted into the benign counterparts), side effects on held-out benign prompts (share
    whose output changes, mean KL of the next-token / label distribution), minimality (size, fraction of recorded
@@ -884,13 +890,18 @@ class _Incident:
             self._benign = items
         return self._benign
 
-    def benign_changed(self, fixes: Sequence[Sequence[Intervention]]) -> list[int]:
+    def benign_changed(self, fixes: Sequence[Sequence[Intervention]], limit: int | None = None,
+                       block: int = 24) -> tuple[list[int], list[bool]]:
         """Per set: how many of the bundle's benign *reference* prompts (the mean-ablation data, never the held-out
         ones) no longer give their unintervened output (generation: the greedy continuation leaves its baseline
-        path; classifier / token: another argmax)."""
+        path; classifier / token: another argmax).
+
+        The prompts run in blocks of ``block``; a set whose count exceeds ``limit`` is not run further (its count
+        is then a lower bound, flagged ``True`` in the second list).
+        """
         items = self._benign_items()
         if not items or not fixes:
-            return [0] * len(fixes)
+            return [0] * len(fixes), [False] * len(fixes)
         h = self.handle
         if self.op == "patch":
             cp = (self.bundle.prompt_sets.get("counterpart") or [None])[0]
@@ -898,24 +909,33 @@ class _Incident:
             srcs = [_prompt_sources(self.bundle, h, cp, int(it.ids.shape[0]), cache, self.means) for it in items]
         else:
             srcs = [it.sources for it in items]
-        work = [_Item(it.ids, [InterventionSet(tuple(_map_set(f, self.prompt_ids, self.n_prompt, it.ids.tolist())))
-                               for f in fixes], src, it.token_type_ids, it.baseline)
-                for it, src in zip(items, srcs)]
         changed = [0] * len(fixes)
-        if self.gen_kind:
-            rows = [(i, s) for i in range(len(work)) for s in range(len(fixes)) if work[i].sets[s].interventions]
-            out = [[None] * len(fixes) for _ in work]
-            eos = getattr(h.tokenizer, "eos_token_id", None)
-            todo = _screen_rows(h, work, rows, out, eos, self.budget, MAX_ROWS)
-            for _, s in todo:
-                changed[s] += 1
-        else:
-            out = _run_items(h, work, self.bundle.failure, generate=False, max_new_tokens=self.bundle.max_new_tokens,
-                             budget=self.budget, target_index=self.ctx.target_index, id2label=self.id2label)
-            for it, o in zip(work, out):
-                for s in range(len(fixes)):
-                    changed[s] += int(o[s]["output"] != it.baseline["output"])
-        return changed
+        cut = [False] * len(fixes)
+        eos = getattr(h.tokenizer, "eos_token_id", None) if h.tokenizer is not None else None
+        for b0 in range(0, len(items), block):
+            alive = [s for s in range(len(fixes)) if not cut[s]]
+            if not alive:
+                break
+            part = list(zip(items[b0:b0 + block], srcs[b0:b0 + block]))
+            work = [_Item(it.ids, [InterventionSet(tuple(_map_set(fixes[s], self.prompt_ids, self.n_prompt,
+                                                                  it.ids.tolist()))) for s in alive],
+                          src, it.token_type_ids, it.baseline) for it, src in part]
+            if self.gen_kind:
+                rows = [(i, j) for i in range(len(work)) for j in range(len(alive)) if work[i].sets[j].interventions]
+                out = [[None] * len(alive) for _ in work]
+                for _, j in _screen_rows(h, work, rows, out, eos, self.budget, MAX_ROWS):
+                    changed[alive[j]] += 1
+            else:
+                out = _run_items(h, work, self.bundle.failure, generate=False,
+                                 max_new_tokens=self.bundle.max_new_tokens, budget=self.budget,
+                                 target_index=self.ctx.target_index, id2label=self.id2label)
+                for it, o in zip(work, out):
+                    for j, s in enumerate(alive):
+                        changed[s] += int(o[j]["output"] != it.baseline["output"])
+            if limit is not None and b0 + block < len(items):
+                for s in alive:
+                    cut[s] = changed[s] > limit
+        return changed, cut
 
     def pair_sufficient(self, fixes: Sequence[Sequence[Intervention]]) -> list[bool | None]:
         """Per set: does writing the failing run's recorded activations at the set's sites into the incident's
@@ -1155,9 +1175,10 @@ def run_cca(bundle, handle: ModelHandle | None = None, *, cf=None, op: str = "me
             evaluated at once: the baseline of the benchmark).
         margin: fix margin in logits (the failing outcome / recorded continuation beaten by at least this much).
         evidence: compute the evidence (variants, sufficiency, side effects, controls); ``False`` = search only.
-        refine_units: refine ``attn`` / ``mlp`` elements to the fewest heads / neurons that still fix with at least
-            half the whole element's effect (off by default: a smaller set that barely fixes the incident was seen to
-            generalise worse to the held-out variants, see ``docs/cca.md``).
+        refine_units: refine ``attn`` / ``mlp`` elements to the fewest heads / neurons (fewer values than the whole
+            element) that still fix with at least half the whole element's effect (a set that only just fixes the
+            incident generalises worse). Off by default: it costs extra passes; ``docs/cca.md`` gives what it
+            yields per scenario.
         threads: intra-op torch threads for the run (see :func:`torch_threads`; ``None`` = torch's setting).
         progress: ``progress(done, total, what)``.
         on_step: called with ``{"stage", "passes", "best_metric", "set_size"}`` at each search step.
@@ -1310,8 +1331,9 @@ class _Chooser:
         inc = self.inc
         new = [(s, m) for s, m in fixes if _skey(s) not in self.rows]
         new.sort(key=lambda t: (_rank(t[0]), t[1]))
-        for b0 in range(0, len(new), 4):
-            batch = new[b0:b0 + 4]
+        b0, size = 0, 1
+        while b0 < len(new):
+            batch = new[b0:b0 + size]
             best = self.best()
             if best is not None and self._perfect(best) and \
                     (best["component_rank"], best["metric"]) <= (_rank(batch[0][0]), batch[0][1]):
@@ -1322,14 +1344,23 @@ class _Chooser:
             ok, _ = inc.fixed(sets, [_TF(m, m > 0) for _, m in batch])
             conf = [t for t, v in zip(batch, ok) if v]
             suff = inc.pair_sufficient([s for s, _ in conf]) if conf else []
-            changed = inc.benign_changed([s for s, _ in conf]) if conf else []
-            cm = {_skey(s): (su, c) for (s, _), su, c in zip(conf, suff, changed)}
+            # a set changing more benign outputs than the best so far can never be chosen: stop counting it there
+            # (but count up to the "clean" bar while no clean set is known, so that one can be recognised)
+            limit = None
+            if best is not None:
+                limit = best["benign_reference_changed"]
+                if not self.clean():
+                    limit = max(limit, int(TARGETS["side_effect_rate"] * len(inc._benign_items())))
+            changed, cut = inc.benign_changed([s for s, _ in conf], limit) if conf else ([], [])
+            cm = {_skey(s): (su, c, k) for (s, _), su, c, k in zip(conf, suff, changed, cut)}
             for s, m in batch:
                 k = _skey(s)
                 r = {"set": s, "metric": m, "component_rank": _rank(s), "confirmed": k in cm}
                 if k in cm:
-                    r["sufficient_on_counterpart"], r["benign_reference_changed"] = cm[k]
+                    r["sufficient_on_counterpart"], r["benign_reference_changed"], r["changed_is_lower_bound"] = cm[k]
                 self.rows[k] = r
+            b0 += size
+            size = min(4, size * 2)
 
     @staticmethod
     def _order(r: dict):
@@ -1345,6 +1376,7 @@ class _Chooser:
         side-effect target's share of the benign reference outputs."""
         n_ref = len(self.inc._benign_items())
         return any(r.get("confirmed") and r["sufficient_on_counterpart"] is not False and
+                   not r.get("changed_is_lower_bound") and
                    r["benign_reference_changed"] <= TARGETS["side_effect_rate"] * n_ref for r in self.rows.values())
 
     def table(self) -> list[dict]:
@@ -1359,7 +1391,8 @@ class _Chooser:
                  "confirmed": r["confirmed"]}  # None: not checked (a set that cannot be beaten came first)
             if r.get("confirmed"):
                 d.update(benign_reference_changed=r["benign_reference_changed"], n_benign_reference=n_ref,
-                         sufficient_on_counterpart=r["sufficient_on_counterpart"])
+                         sufficient_on_counterpart=r["sufficient_on_counterpart"],
+                         changed_is_lower_bound=r.get("changed_is_lower_bound", False))
             out.append(d)
         return out
 
@@ -1375,32 +1408,39 @@ class _Search:
         self.rounds: list[dict] = []
         self.dec = inc.n_prompt - 1 if inc.causal else 0
         self.hot: list[int] = []
+        self._pending: list = []  # fixing sets screened but not yet checked
 
     def _score(self, base: Sequence[Intervention], pool: list[Intervention]):
         est = self.inc.attribution(base, pool)
         w = np.array([self.prior.get((c.layer, c.component), 0.0) for c in pool])
         return est * (1.0 + w), est
 
-    def _round(self, name: str, sets: list[tuple[Intervention, ...]]) -> None:
+    def _round(self, name: str, sets: list[tuple[Intervention, ...]], check: bool = True) -> None:
+        """Evaluate ``sets`` exactly; the ones that fix teacher-forced wait for the checks (run now when ``check``)."""
         sets = [s for s in sets if _skey(s) not in self.evaluated]
-        if not sets:
-            return
-        self.budget.stage = "search"
-        tf = self.inc.evaluate_tf([InterventionSet(s) for s in sets])
-        for s, r in zip(sets, tf):
-            self.evaluated[_skey(s)] = (s, r.metric)
-        best = min(self.evaluated.values(), key=lambda t: t[1])
-        if not self.state["best"] or best[1] < self.state["best_metric"]:
-            self.state["best"], self.state["best_metric"] = best
-        fixing = [(s, r.metric) for s, r in zip(sets, tf) if self.inc.fixed_tf(r)]
-        self.step("search", self.state["best_metric"], len(sets[0]))
-        self.budget.stage = "select"
-        self.chooser.consider(fixing)
-        self.budget.stage = "search"
-        self.rounds.append({"round": name, "evaluated": len(sets), "fixing_teacher_forced": len(fixing),
-                            "passes": self.budget.passes, "rows": self.budget.rows})
+        if sets:
+            self.budget.stage = "search"
+            tf = self.inc.evaluate_tf([InterventionSet(s) for s in sets])
+            for s, r in zip(sets, tf):
+                self.evaluated[_skey(s)] = (s, r.metric)
+            best = min(self.evaluated.values(), key=lambda t: t[1])
+            if not self.state["best"] or best[1] < self.state["best_metric"]:
+                self.state["best"], self.state["best_metric"] = best
+            fixing = [(s, r.metric) for s, r in zip(sets, tf) if self.inc.fixed_tf(r)]
+            self._pending.extend(fixing)
+            self.step("search", self.state["best_metric"], len(sets[0]))
+            self.rounds.append({"round": name, "evaluated": len(sets), "fixing_teacher_forced": len(fixing),
+                                "passes": self.budget.passes, "rows": self.budget.rows})
+        if check and self._pending:
+            self.budget.stage = "select"
+            self.chooser.consider(self._pending)
+            self._pending = []
+            self.budget.stage = "search"
+            self.rounds[-1]["checked_through_passes"] = self.budget.passes
 
     def size1(self) -> None:
+        """Single sites: rounds (a)–(c) are screened before any set is checked (screening is cheap, the checks are
+        not, and they run in order of specificity over everything screened so far); then (d) round by round."""
         inc, cands = self.inc, self.cands
         if self.ranking == "exhaustive":
             self._round("every candidate", [(c,) for c in cands])
@@ -1412,16 +1452,14 @@ class _Search:
             order = [int(i) for i in np.argsort(score, kind="stable")]
         top = [(cands[i],) for i in order[:self.top_m]] if self.ranking == "attribution" else []
         dec = [(c,) for c in cands if c.positions == (self.dec,)]
-        self._round("decision position" + (f" + top {self.top_m} ranked" if top else ""), dec + top)
-        if not self.chooser.clean():
-            tok = [(c,) for c in cands if c.layer == 0 and c.component == "resid_pre" and len(c.positions) == 1]
-            self._round("token ablations (L0 resid_pre at every position)", tok)
-            drops = sorted((self.evaluated[_skey(s)][1], s[0].positions[0]) for s in tok
-                           if s[0].positions[0] != self.dec and _skey(s) in self.evaluated)
-            self.hot = [p for m, p in drops if m <= inc.baseline_metric - inc.margin][:3]
-            if self.hot and not self.chooser.clean():
-                self._round(f"hot positions {self.hot}", [(c,) for c in cands if c.positions != "all" and
-                                                          len(c.positions) == 1 and c.positions[0] in self.hot])
+        self._round("decision position" + (f" + top {self.top_m} ranked" if top else ""), dec + top, check=False)
+        tok = [(c,) for c in cands if c.layer == 0 and c.component == "resid_pre" and len(c.positions) == 1]
+        self._round("token ablations (L0 resid_pre at every position)", tok, check=False)
+        drops = sorted((self.evaluated[_skey(s)][1], s[0].positions[0]) for s in tok
+                       if s[0].positions[0] != self.dec and _skey(s) in self.evaluated)
+        self.hot = [p for m, p in drops if m <= inc.baseline_metric - inc.margin][:3]
+        self._round(f"hot positions {self.hot}", [(c,) for c in cands if c.positions != "all" and
+                                                  len(c.positions) == 1 and c.positions[0] in self.hot])
         k = self.top_m
         while not self.chooser.clean():
             rest = [(cands[i],) for i in order if _skey((cands[i],)) not in self.evaluated]
@@ -1524,7 +1562,7 @@ def _refine_units(inc: _Incident, fix: list[Intervention], step, state, info: di
             order = [int(u) for u in np.argsort(est, kind="stable")]
             sizes = []
             k = 1
-            while k < n_units // 2:
+            while k < min(n_units // 2, h.d_model):  # fewer values than the whole element's d_model
                 sizes.append(k)
                 k *= 2
         trial = [Intervention(iv.layer, unit, iv.positions, "mean", tuple(order[:k])) for k in sizes]

@@ -12,8 +12,9 @@ import torch
 from conftest import build_tiny_tokenizer
 from engine.behaviour import behave
 from engine.bundle import open_bundle, write_bundle
-from engine.cca import run_cca, torch_threads
+from engine.cca import evaluate_fix_set, run_cca, torch_threads
 from engine.failure import FailureSpec
+from engine.interventions import Intervention
 from engine.models import ModelHandle
 from engine.recorder import record_incident
 
@@ -87,10 +88,14 @@ def test_fix_set_lands_on_the_planted_layer(layer, tmp_path):
     assert res.flipped and res.one_minimal and not res.partial
     assert res.flip_rate == 1.0 and res.n_variants == 12
     assert res.side_effect_rate == 0.0 and res.sufficiency_rate == 1.0
-    # the residual-stream sites at the trigger also fix, but change most benign outputs: the choice says so
+    # the residual stream at the trigger also fixes (it removes the trigger itself), but is not specific: measured
     chosen, *others = res.ranking["selection"]
-    assert chosen["benign_reference_changed"] == 0
-    assert any(o.get("confirmed") and o["benign_reference_changed"] > 20 for o in others)
+    assert chosen["benign_reference_changed"] == 0 and chosen["sufficient_on_counterpart"] is True
+    resid = [o for o in others if o["set"] == [f"L0.resid_pre@{last}:mean"]]
+    assert resid, "the token ablation of the trigger fixes teacher-forced and was screened"
+    with torch_threads(1), open_bundle(path) as b:
+        alt = evaluate_fix_set(b, h, [Intervention(0, "resid_pre", (last,), "mean")], n_controls=0)
+    assert alt.flipped and alt.side_effect_rate > 0.5
 
 
 def test_redundant_plant_needs_both_layers(tmp_path):

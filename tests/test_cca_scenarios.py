@@ -178,3 +178,18 @@ def test_cancel_during_controls_keeps_the_measured_evidence(demo):
     assert dt < 0.5, f"cancel took {dt:.3f} s"
     assert res.partial and res.flipped and res.n_variants == 40 and res.flip_rate == 1.0
     assert res.fix_set[0].intervention.describe() == "L0.attn@15:mean"
+
+
+def test_units_refine_the_demo_attention_to_heads(bundles, cli_results, tmp_path):
+    """``--units``: the demo's attention element becomes a few of its 8 heads, touching fewer values, and every
+    criterion still holds."""
+    code, d, _ = _run_cli(bundles["gpt2-prompt-injection"], tmp_path / "units.json", "--units")
+    assert code == 0 and not CCAResult.from_dict(d).failed_criteria()
+    (e,) = d["fix_set"]
+    assert (e["component"], e["layer"], e["positions"]) == ("head", 0, [15])
+    assert 1 <= len(e["indices"]) < 8 and e["drop_one_failing"]
+    default = cli_results["gpt2-prompt-injection"][1]
+    assert d["fraction_of_activations"] == pytest.approx(default["fraction_of_activations"] * len(e["indices"]) / 8)
+    assert d["flip_rate"] >= 0.8 and d["p_value"] < 0.01
+    (note,) = d["ranking"]["unit_refinement"]
+    assert note["refined_metric"] <= 0.5 * note["whole_metric"]   # kept at least half the whole element's effect

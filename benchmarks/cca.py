@@ -1,0 +1,221 @@
+"""Benchmark: the CCA search (issue 6) on every shipped scenario, measured in one run.
+
+    .venv/bin/python benchmarks/cca.py [--scenarios NAME,...] [--json OUT.json] [--no-cli]
+
+Per scenario (bundle recorded fresh from the shipped scenario, one torch thread, see ``engine.cca.torch_threads``):
+
+* **search to the final set** (``run_cca(..., evidence=False)``): forward passes (batched forward calls), rows (one
+  prompt through the model once: a batch row of a forward, or of one generation step) and wall time, split into
+  *screening* (candidate sites evaluated exactly, teacher-forced) and *checks* (generation confirmation, counterpart
+  sufficiency, benign reference outputs, pruning, refinement);
+* against an **exhaustive single-site sweep** (every candidate site evaluated exactly once, teacher-forced, 64 rows
+  per forward): target ≤ 10% of its rows;
+* against the **same search without CF** (attribution only), **without any ranking** (the screening rounds with the
+  remaining candidates in listed order) and the **exhaustive search** (every candidate in one round, then the same
+  checks) — each must reach the same set;
+* **ranking quality**: Spearman rank correlation between the attribution estimate of every candidate and its exact
+  single-site effect on the search metric (from the sweep), the attribution rank of the chosen site, and how many of
+  the exact 10 strongest sites the attribution's top 10 holds;
+* unless ``--no-cli``: the wall time of ``forensics cca`` on the demo incident (a fresh process: imports, model,
+  CF, search, all evidence with 200 controls) with the default one thread and with torch's default thread count.
+
+Every number is measured here; nothing is typed in. ``scripts/cca_doc.py`` turns the JSON into ``docs/cca.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import scenarios  # noqa: E402
+from engine import stats  # noqa: E402
+from engine.bundle import open_bundle  # noqa: E402
+from engine.cca import _Budget, _Incident, candidate_sites, run_cca, torch_threads  # noqa: E402
+from engine.interventions import InterventionSet  # noqa: E402
+from engine.replay import load_bundle_model  # noqa: E402
+
+SCENARIOS = ("gpt2-prompt-injection", "gpt2-toxic-generation", "llama-secret-leak", "bert-sentiment-bypass")
+DEMO = "gpt2-prompt-injection"
+SCREEN_STAGES = ("baseline", "search")
+
+
+def _search(bundle, handle, **kw) -> dict:
+    t0 = time.perf_counter()
+    res = run_cca(bundle, handle, evidence=False, n_controls=0, **kw)
+    wall = time.perf_counter() - t0
+    rk = res.ranking
+    rows = rk.get("search_rows_by_stage", {})
+    passes = rk.get("search_passes_by_stage", {})
+    return {"set": [e.intervention.describe() for e in res.fix_set], "flipped": bool(res.flipped),
+            "passes": int(rk["search_passes"]), "rows": int(rk["search_rows"]), "seconds": wall,
+            "screen_rows": int(sum(v for k, v in rows.items() if k in SCREEN_STAGES)),
+            "check_rows": int(sum(v for k, v in rows.items() if k not in SCREEN_STAGES)),
+            "screen_passes": int(sum(v for k, v in passes.items() if k in SCREEN_STAGES)),
+            "candidates_evaluated": int(rk.get("candidates_evaluated", 0)), "n_candidates": int(rk["n_candidates"]),
+            "rounds": [r["round"] for r in rk.get("rounds", [])], "backward_passes": int(rk["backward_passes"])}
+
+
+def _sweep(bundle, handle) -> dict:
+    """Every candidate site once, exactly (teacher-forced metric); and the attribution estimate of each."""
+    budget = _Budget(None)
+    inc = _Incident(bundle, handle, "mean", budget, 1.0)
+    cands = candidate_sites(bundle, handle)
+    p0, r0 = budget.passes, budget.rows
+    t0 = time.perf_counter()
+    tf = inc.evaluate_tf([InterventionSet((c,)) for c in cands])
+    wall = time.perf_counter() - t0
+    exact = np.array([r.metric - inc.baseline_metric for r in tf])
+    fixing = [c.describe() for c, r in zip(cands, tf) if inc.fixed_tf(r)]
+    est = inc.attribution([], cands)
+    return {"cands": cands, "exact": exact, "est": est, "rows": budget.rows - r0, "passes": budget.passes - p0,
+            "seconds": wall, "fixing_teacher_forced": fixing, "baseline_metric": inc.baseline_metric}
+
+
+def _cf(bundle, handle):
+    try:
+        import engine.cf as cfmod
+    except ModuleNotFoundError:
+        return None, None
+    t0 = time.perf_counter()
+    res = cfmod.run_cf(bundle, handle)
+    return res, time.perf_counter() - t0
+
+
+def measure_scenario(name: str, workdir: Path) -> dict:
+    from workbench.cli import build_scenario_bundle
+
+    path = workdir / f"{name}.h5"
+    with torch_threads(1):
+        if not path.exists():
+            build_scenario_bundle(scenarios.get(name), path)
+        with open_bundle(path) as b:
+            handle = load_bundle_model(b)
+            cf, cf_seconds = _cf(b, handle)
+            ours = _search(b, handle, cf=cf)
+            no_cf = _search(b, handle, cf=None)
+            unranked = _search(b, handle, ranking="none")
+            exhaustive = _search(b, handle, ranking="exhaustive")
+            sw = _sweep(b, handle)
+    cands, exact, est = sw["cands"], sw["exact"], sw["est"]
+    order_est = [cands[i].describe() for i in np.argsort(est, kind="stable")]
+    order_exact = [cands[i].describe() for i in np.argsort(exact, kind="stable")]
+    chosen = ours["set"][0] if ours["set"] else None
+    return {
+        "scenario": name, "n_candidates": len(cands), "cf_seconds": cf_seconds,
+        "ours": ours, "no_cf": no_cf, "no_ranking": unranked, "exhaustive_search": exhaustive,
+        "sweep": {"rows": sw["rows"], "passes": sw["passes"], "seconds": sw["seconds"],
+                  "fixing_teacher_forced": sw["fixing_teacher_forced"]},
+        "ranking": {"spearman_all": stats.spearman(est, exact), "n": len(cands),
+                    "chosen_site": chosen, "chosen_attribution_rank": order_est.index(chosen) + 1
+                    if chosen in order_est else None,
+                    "chosen_exact_rank": order_exact.index(chosen) + 1 if chosen in order_exact else None,
+                    "top10_overlap": len(set(order_est[:10]) & set(order_exact[:10])),
+                    "fixing_attribution_ranks": sorted(order_est.index(s) + 1 for s in sw["fixing_teacher_forced"])},
+        "ratios": {"rows_vs_sweep": ours["rows"] / sw["rows"], "screen_rows_vs_sweep": ours["screen_rows"] / sw["rows"],
+                   "rows_vs_no_ranking": ours["rows"] / unranked["rows"],
+                   "rows_vs_no_cf": ours["rows"] / no_cf["rows"],
+                   "rows_vs_exhaustive_search": ours["rows"] / exhaustive["rows"],
+                   "seconds_vs_sweep": ours["seconds"] / sw["seconds"] if sw["seconds"] else None},
+        "same_set": {"no_cf": no_cf["set"] == ours["set"], "no_ranking": unranked["set"] == ours["set"],
+                     "exhaustive_search": exhaustive["set"] == ours["set"]},
+    }
+
+
+def time_cli(bundle: Path, threads: int) -> dict:
+    """``forensics cca BUNDLE --json --threads N`` in a fresh process: wall time, exit code, the set, criteria."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "QT_QPA_PLATFORM": "offscreen"}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "workbench.cli", "cca", str(bundle), "--json", "--threads",
+                           str(threads)], capture_output=True, text=True, env=env, timeout=1800)
+    wall = time.perf_counter() - t0
+    d = json.loads(proc.stdout) if proc.stdout.strip() else {}
+    return {"threads": threads if threads else torch.get_num_threads(), "wall_seconds": wall,
+            "exit_code": proc.returncode, "cca_seconds": d.get("seconds"),
+            "set": [f"L{e['layer']}.{e['component']}@{','.join(map(str, e['positions']))}" for e in d.get("fix_set", [])],
+            "failed_criteria": [k for k, c in (d.get("criteria") or {}).items() if not c.get("ok")]}
+
+
+def measure(names=SCENARIOS, cli: bool = True, workdir: Path | None = None) -> dict:
+    """Every measurement above; bundles are recorded into ``workdir`` (a temporary folder when ``None``; an
+    existing bundle there is reused)."""
+    out = {"measured": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+           "torch": torch.__version__, "python": platform.python_version(),
+           "load_average_start": os.getloadavg()[0], "scenarios": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(workdir) if workdir is not None else Path(tmp)
+        for name in names:
+            out["scenarios"][name] = measure_scenario(name, work)
+            _print_scenario(out["scenarios"][name])
+        if cli and DEMO in names:
+            out["demo_cli"] = [time_cli(work / f"{DEMO}.h5", 1), time_cli(work / f"{DEMO}.h5", 0)]
+    out["load_average_end"] = os.getloadavg()[0]
+    return out
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _print_scenario(s: dict) -> None:
+    o, sw, r, rk = s["ours"], s["sweep"], s["ratios"], s["ranking"]
+    print(f"== {s['scenario']}: {s['n_candidates']} candidate sites; final set {', '.join(o['set']) or '-'}")
+    print(f"   search to the final set: {o['passes']} passes, {o['rows']} rows ({o['screen_rows']} screening, "
+          f"{o['check_rows']} checks), {o['seconds']:.2f} s; {o['candidates_evaluated']} sites evaluated "
+          f"in rounds: {'; '.join(o['rounds'])}")
+    print(f"   exhaustive single-site sweep: {sw['passes']} passes, {sw['rows']} rows, {sw['seconds']:.2f} s")
+    ok = "met" if r["rows_vs_sweep"] <= 0.10 else "MISSED"
+    print(f"   rows vs sweep: {_pct(r['rows_vs_sweep'])} (target <= 10%: {ok}); screening rows alone "
+          f"{_pct(r['screen_rows_vs_sweep'])}")
+    for key, label in (("no_cf", "without CF"), ("no_ranking", "without CF/gradient ranking"),
+                       ("exhaustive_search", "exhaustive search")):
+        x = s[key]
+        print(f"   {label}: {x['passes']} passes, {x['rows']} rows, {x['seconds']:.2f} s, "
+              f"{x['candidates_evaluated']} sites; ours / it = {_pct(o['rows'] / x['rows'])} of the rows; "
+              f"same set: {'yes' if s['same_set'][key] else 'NO: ' + ', '.join(x['set'])}")
+    sp = rk["spearman_all"]
+    print(f"   attribution vs exact single-site effect: Spearman {'n/a' if sp is None else f'{sp:.3f}'} over "
+          f"{rk['n']} sites; chosen site ranks {rk['chosen_attribution_rank']} by attribution, "
+          f"{rk['chosen_exact_rank']} by exact effect; top-10 overlap {rk['top10_overlap']}/10; "
+          f"attribution ranks of the {len(rk['fixing_attribution_ranks'])} single sites that fix teacher-forced: "
+          f"{rk['fixing_attribution_ranks']}")
+    if s["cf_seconds"] is not None:
+        print(f"   CF (prior) computed in {s['cf_seconds']:.2f} s")
+    sys.stdout.flush()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS))
+    ap.add_argument("--json", help="write every measurement to this JSON file")
+    ap.add_argument("--no-cli", action="store_true", help="skip timing forensics cca on the demo in a fresh process")
+    args = ap.parse_args(argv)
+    names = [n for n in args.scenarios.split(",") if n]
+    out = measure(names, cli=not args.no_cli)
+    for c in out.get("demo_cli", []):
+        ok = "met" if c["wall_seconds"] <= 60 else "MISSED"
+        print(f"== forensics cca on the demo incident, {c['threads']} thread(s): {c['wall_seconds']:.1f} s wall "
+              f"(CCA itself {c['cca_seconds'] if c['cca_seconds'] is None else round(c['cca_seconds'], 1)} s), "
+              f"exit {c['exit_code']}, set {', '.join(c['set'])}; target <= 60 s: {ok}")
+    print(f"load average {out['load_average_start']:.2f} at start, {out['load_average_end']:.2f} at end "
+          f"({out['machine']}; shared machine: wall times are noisy)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1, default=float), encoding="utf-8")
+        print(f"written {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
