@@ -46,9 +46,13 @@ sysdeps:
 benchmarks: setup
 	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
-# Regenerate the measured documents (scenario rates) from the shipped models.
+# Regenerate the measured documents from the shipped models: scenario rates, CF localisation, CCA results, the
+# example certificate (PDF, JSON, page PNGs; needs pdftoppm) of the demo incident.
 docs: setup
 	$(BIN)/python scripts/scenarios_doc.py
+	$(BIN)/python benchmarks/cf_localisation.py --write-doc
+	$(BIN)/python scripts/cca_doc.py
+	$(BIN)/python scripts/certificate_example.py --rebuild --rerun
 
 # Screenshots of every view of the real app on the demo incident, under a virtual X server.
 screenshots: setup
