@@ -1439,8 +1439,9 @@ class _Search:
             self.rounds[-1]["checked_through_passes"] = self.budget.passes
 
     def size1(self) -> None:
-        """Single sites: rounds (a)–(c) are screened before any set is checked (screening is cheap, the checks are
-        not, and they run in order of specificity over everything screened so far); then (d) round by round."""
+        """Single sites: rounds (a) and (b) are screened before any set is checked (screening is cheap, the checks
+        are not, and they run in order of specificity over everything screened so far); then (c) and (d) round by
+        round, each followed by the checks, until a clean set is known."""
         inc, cands = self.inc, self.cands
         if self.ranking == "exhaustive":
             self._round("every candidate", [(c,) for c in cands])
@@ -1458,8 +1459,10 @@ class _Search:
         drops = sorted((self.evaluated[_skey(s)][1], s[0].positions[0]) for s in tok
                        if s[0].positions[0] != self.dec and _skey(s) in self.evaluated)
         self.hot = [p for m, p in drops if m <= inc.baseline_metric - inc.margin][:3]
-        self._round(f"hot positions {self.hot}", [(c,) for c in cands if c.positions != "all" and
-                                                  len(c.positions) == 1 and c.positions[0] in self.hot])
+        self._round("", [])  # check what (a) and (b) found
+        if self.hot and not self.chooser.clean():
+            self._round(f"hot positions {self.hot}", [(c,) for c in cands if c.positions != "all" and
+                                                      len(c.positions) == 1 and c.positions[0] in self.hot])
         k = self.top_m
         while not self.chooser.clean():
             rest = [(cands[i],) for i in order if _skey((cands[i],)) not in self.evaluated]

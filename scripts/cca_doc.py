@@ -1,0 +1,379 @@
+"""Write docs/cca.md: the CCA method, and what it measures on every shipped scenario (run: python scripts/cca_doc.py).
+
+Every number in the document comes from this run: each scenario is recorded fresh (as ``forensics scenario build``
+does), ``forensics cca`` runs on it with its defaults (and once more with ``--units``), and ``benchmarks/cca.py``
+measures the search budget and the ranking. The prose is fixed text in this script; the tables and the CLI output are
+pasted from the measurements. ``--json FILE`` also keeps the raw measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import cca as bench  # noqa: E402  (benchmarks/cca.py)
+
+from engine.cca import TARGETS  # noqa: E402
+from workbench.cli import main as cli  # noqa: E402
+
+OUT = ROOT / "docs" / "cca.md"
+
+
+def run_cli(bundle: Path, out_json: Path, *extra: str) -> tuple[int, str, dict]:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
+        code = cli(["cca", str(bundle), "--out", str(out_json), *extra])
+    text = "\n".join(ln for ln in buf.getvalue().splitlines() if not ln.startswith("  result written to"))
+    return code, text.replace(str(bundle), bundle.name), json.loads(out_json.read_text(encoding="utf-8"))
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _p(x) -> str:
+    return "n/a" if x is None else f"{x:.3g}"
+
+
+def _set(d: dict) -> str:
+    out = []
+    for e in d["fix_set"]:
+        idx = f"[{','.join(map(str, e['indices']))}]" if e.get("indices") else ""
+        out.append(f"`L{e['layer']}.{e['component']}{idx}@{','.join(map(str, e['positions']))}:{e['op']}`")
+    return ", ".join(out) or "—"
+
+
+def results_table(res: dict) -> list[str]:
+    lines = ["| scenario | fix set | flip rate on held-out failing variants (Wilson 95%) | sufficiency | "
+             "side effects (mean KL) | activations touched | 1-minimal | p (controls) | criteria | passes / rows | "
+             "CCA wall |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, (code, _, d) in res.items():
+        lo, hi = d["flip_rate_ci"]
+        failed = [k for k, c in d["criteria"].items() if not c["ok"]]
+        lines.append(
+            f"| `{name}` | {_set(d)} | {_pct(d['flip_rate'])} of {d['n_variants']} ({_pct(lo)}–{_pct(hi)}) | "
+            f"{_pct(d['sufficiency_rate'])} of {d['n_sufficiency']} | {_pct(d['side_effect_rate'])} of "
+            f"{d['n_benign']} ({d['side_effect_kl']:.2g}) | {_pct(d['fraction_of_activations'])} | "
+            f"{'yes' if d['one_minimal'] else 'no'} | {_p(d['p_value'])} ({d['n_controls']}) | "
+            f"{'all met' if not failed else 'MISSED: ' + ', '.join(failed)} (exit {code}) | "
+            f"{d['forward_passes']} / {d['rows']} | {d['seconds']:.1f} s |")
+    return lines
+
+
+def budget_table(bm: dict) -> list[str]:
+    lines = ["| scenario | candidate sites | sites evaluated (share) | search rows: screening + checks | "
+             "single-site sweep rows | search rows / sweep rows | screening rows / sweep rows | search wall | "
+             "sweep wall |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, s in bm["scenarios"].items():
+        o, sw, r = s["ours"], s["sweep"], s["ratios"]
+        share = _pct(o["candidates_evaluated"] / s["n_candidates"])
+        lines.append(
+            f"| `{name}` | {s['n_candidates']} | {o['candidates_evaluated']} ({share}) | "
+            f"{o['screen_rows']} + {o['check_rows']} = {o['rows']} | {sw['rows']} | "
+            f"{_pct(r['rows_vs_sweep'])} | {_pct(r['screen_rows_vs_sweep'])} | {o['seconds']:.2f} s | "
+            f"{sw['seconds']:.2f} s |")
+    return lines
+
+
+def ablation_table(bm: dict) -> list[str]:
+    lines = ["| scenario | with CF + attribution (default) | attribution, no CF | no ranking | exhaustive search | "
+             "same set found by all |", "|---|---|---|---|---|---|"]
+    for name, s in bm["scenarios"].items():
+        cells = []
+        for key in ("ours", "no_cf", "no_ranking", "exhaustive_search"):
+            x = s[key]
+            cells.append(f"{x['candidates_evaluated']} sites, {x['rows']} rows, {x['seconds']:.2f} s")
+        same = all(s["same_set"].values())
+        lines.append(f"| `{name}` | " + " | ".join(cells) + f" | {'yes' if same else 'no: ' + str(s['same_set'])} |")
+    return lines
+
+
+def ranking_table(bm: dict) -> list[str]:
+    lines = ["| scenario | Spearman (attribution vs exact, all sites) | chosen site: rank by attribution / by exact "
+             "effect | top-10 overlap | attribution ranks of the single sites that fix |", "|---|---|---|---|---|"]
+    for name, s in bm["scenarios"].items():
+        rk = s["ranking"]
+        sp = rk["spearman_all"]
+        lines.append(f"| `{name}` | {'n/a' if sp is None else f'{sp:.3f}'} over {rk['n']} | "
+                     f"{rk['chosen_attribution_rank']} / {rk['chosen_exact_rank']} of {rk['n']} | "
+                     f"{rk['top10_overlap']}/10 | {', '.join(map(str, rk['fixing_attribution_ranks']))} |")
+    return lines
+
+
+def units_table(res_units: dict, res: dict) -> list[str]:
+    lines = ["| scenario | fix set with `--units` | flip rate | side effects | activations touched | criteria | "
+             "vs default set: activations touched |", "|---|---|---|---|---|---|---|"]
+    for name, (code, _, d) in res_units.items():
+        failed = [k for k, c in d["criteria"].items() if not c["ok"]]
+        base = res[name][2]
+        lines.append(f"| `{name}` | {_set(d)} | {_pct(d['flip_rate'])} of {d['n_variants']} | "
+                     f"{_pct(d['side_effect_rate'])} | {_pct(d['fraction_of_activations'])} | "
+                     f"{'all met' if not failed else 'MISSED: ' + ', '.join(failed)} | "
+                     f"{_pct(base['fraction_of_activations'])} |")
+    return lines
+
+
+def _cf_sentence(bm: dict) -> str:
+    sc = bm["scenarios"]
+    same = [n for n, s in sc.items() if s["no_cf"]["rows"] == s["ours"]["rows"]]
+    less = {n: 1 - s["ours"]["rows"] / s["no_cf"]["rows"] for n, s in sc.items()}
+    if len(same) == len(sc):
+        return ("Without the CF prior the search does exactly the same work on every scenario (next table): the "
+                "exact screening of the decision position and the token ablations finds the sets, not the prior; "
+                "the seeds' \"CF cuts the CCA search by >= 50%\" is not met here.")
+    return ("Rows saved by the CF prior (against the same search without it): " +
+            ", ".join(f"`{n}` {100 * v:.0f}%" for n, v in less.items()) + ".")
+
+
+def _resid_example(res: dict) -> str:
+    """A measured example from the selection tables: a residual-stream set and the benign reference outputs it
+    changed (exact counts only)."""
+    rows = [(r["benign_reference_changed"] / r["n_benign_reference"], name, r) for name, (_, _, d) in res.items()
+            for r in d["ranking"].get("selection", [])
+            if r.get("confirmed") and r.get("n_benign_reference") and all(".resid" in s for s in r["set"])]
+    if not rows:
+        return "no residual-stream set was checked in this run"
+    _, name, r = max(rows, key=lambda t: t[0])
+    bound = "at least " if r.get("changed_is_lower_bound") else ""
+    return (f"the most in this run: on `{name}`, `{', '.join(r['set'])}` fixes the incident and changes {bound}"
+            f"{r['benign_reference_changed']} of {r['n_benign_reference']} benign reference outputs")
+
+
+def render(bm: dict, res: dict, res_units: dict) -> str:
+    demo_cli = bm.get("demo_cli") or []
+    L: list[str] = []
+    w = L.append
+    w("# CCA: causal minimal fix sets")
+    w("")
+    w("<!-- written by scripts/cca_doc.py from measurements made when it ran — do not edit by hand; re-run it -->")
+    w("")
+    w(f"Measured on {bm['measured']} with torch {bm['torch']} (python {bm['python']}) on {bm['machine']}, one torch "
+      f"thread, shared machine (load average {bm['load_average_start']:.1f} at the start, "
+      f"{bm['load_average_end']:.1f} at the end: wall times are noisy; rows and passes are not).")
+    w("")
+    w("CCA answers: *which internal computation carries this failure?* It searches the smallest set of activation "
+      "interventions that makes the incident's failure go away, then measures what that set does on prompts it "
+      "never saw. Code: `engine/cca.py` (`run_cca`, `evaluate_fix_set`, `CCAResult`); command: `forensics cca "
+      "BUNDLE [--json] [--out RESULT.json] [--beam W] [--max-size K] [--op mean|patch] [--controls N] [--units] "
+      "[--threads N]`.")
+    w("")
+    w("## Method")
+    w("")
+    w("**Interventions.** A candidate is a site — block `layer`, `component` (`resid_pre`, `attn` output, `mlp` "
+      "output; `resid_post` of the last block), prompt `positions` — and an operation: `mean` (default) replaces the "
+      "activation by its mean over the bundle's benign reference runs (per position where benign runs reach it, else "
+      "the mean over all benign tokens), `patch` by the benign counterpart's activation (ends of the prompts aligned). "
+      "Positions: each single prompt position, and the last three together. A fix set is several such edits applied in "
+      "one replay.")
+    w("")
+    w("**Search metric.** One number per set, larger = more failing, `> 0` exactly when the incident still fails "
+      "teacher-forced. `label:` / `token:` incidents: the logit margin of the failing outcome over the best other "
+      "(the recorded metric). `contains:` / `wordlist:` incidents: the *smallest* logit margin, over the recorded "
+      "continuation from its first token through the end of the failing span, of the recorded token over its best "
+      "competitor. The recorded metric of those incidents (`docs/bundle-format.md`: the failing span's log-prob after "
+      "the recorded prefix) stays ~0 when a set makes the model leave the failing path *before* the span — the "
+      "llama scenario's failure mode before this metric — and log-probs of these models (trained to a loss of 1e-6) "
+      "saturate; margins do neither. The recorded metric is unchanged; this one lives inside CCA.")
+    w("")
+    w("**Fix.** A set fixes the incident when its metric is `<= -1` (the failing outcome / path is beaten by at least "
+      "one logit) and, for generation incidents, the greedy continuation generated under it no longer fails.")
+    w("")
+    w("**Ranking.** Attribution patching: one forward and one backward pass with a zero tensor added at every "
+      "site give `grad · (replacement − activation)` per candidate (the gradient of a soft minimum of the margins "
+      "for generation incidents), multiplied by `1 + w` with `w` the CF prior of the candidate's layer and "
+      "component. It only *orders* exact evaluations — its agreement with the exact effects is measured below and is "
+      "weak on these models.")
+    w("")
+    w("**Screening** (exact; every candidate set is a batch row of a real replay that starts from the recorded "
+      "residual stream of the lowest intervened block and runs the shared prompt prefix once). Single sites come in "
+      "rounds, stopping after the first round that yields a *clean* fix:")
+    w("")
+    w("1. every component at the *decision position* (the last prompt token of a causal LM, the first token of an "
+      "encoder), plus the `top_m` = 8 best-ranked sites;")
+    w("2. token ablations: `resid_pre` of block 0 at every prompt position (which input tokens carry the failure);")
+    w("3. every component at the (at most 3) positions whose token ablation moved the metric by at least one logit;")
+    w("4. the remaining sites in ranked order, 8, 16, 32, … per round.")
+    w("")
+    w("Without a clean single site, sets of 2, 3, … (`--max-size`, default 4) are grown by greedy / beam search "
+      "(`--beam`): the best non-fixing sets, each extended by its 8 best-ranked sites and the decision / hot-position "
+      "sites, all extensions evaluated exactly.")
+    w("")
+    w("**Choice among fixing sets: the most specific one.** Ordered by (1) how many of the bundle's benign *reference* "
+      "prompts (the mean-ablation data; the held-out benign prompts are never looked at) change output under the set "
+      "— a set that changes more than the best so far stops being counted there; (2) whether it is *sufficient* on "
+      "the incident's counterpart (the failing run's activations at the set's sites, written into the benign "
+      "counterpart, re-create the failure); (3) component: a head / neuron before an attention / MLP output before the "
+      "residual stream (which carries everything written before it); (4) lower metric. *Clean* = sufficient (or no "
+      "counterpart) and changing at most "
+      f"{TARGETS['side_effect_rate']:.0%} of the reference outputs. The checks run lazily in order of (3, 4) and stop "
+      "at a set that changes nothing and is sufficient, since nothing later in that order can beat it. The result's "
+      "`ranking.selection` lists every set considered with these numbers.")
+    w("")
+    w("**Pruning and refinement.** Elements are dropped while the rest still fixes (→ 1-minimal), a multi-position "
+      "element is shrunk to the smallest fixing subset of its positions, and with `--units` an attention / MLP "
+      "element is replaced by the fewest heads / neurons (ordered by exact single-head effect / attribution, fewer "
+      "values than the whole element) whose mean-ablation still fixes with at least half the whole element's metric.")
+    w("")
+    w("**Greedy outcomes, exactly and cheaply.** Each prompt's unintervened continuation is generated once (or a "
+      "continuation the bundle records or expects for it is confirmed by one teacher-forced pass); a set's row is "
+      "first run teacher-forced on it (plus EOS). If every token is still the argmax, greedy decoding under the set "
+      "reproduces it token for token, so nothing more is run; a second guess (e.g. the benign counterpart's output for "
+      "a fixed variant) is confirmed the same way; only the remaining rows are generated (KV cache).")
+    w("")
+    w("## Position rule")
+    w("")
+    w("The fix set's positions are incident positions. On another prompt (variants, benign prompts, counterparts) an "
+      "incident position `p` holding token `t` maps to the position of that prompt holding the same token `t` nearest "
+      "to the end-aligned position `q = p − n_incident + n_other`; when `t` does not occur, to `q` itself (dropped "
+      "when `q < 0`). A trigger token is followed wherever it sits (the BERT backdoor's `cf`, the Llama's `night`), "
+      "structural positions (the last tokens, `Assistant:`) stay aligned from the end.")
+    w("")
+    w("## What each number means")
+    w("")
+    w("| number | meaning |")
+    w("|---|---|")
+    w("| `flipped`, `baseline_metric` → `fixed_metric` | the incident no longer fails under the set (search metric, "
+      "logits) |")
+    w("| `drop_one_metric`, `drop_one_failing`, `single_metric` (per element) | the metric with this element removed "
+      "(and whether the incident fails again: the element is necessary) and with this element alone |")
+    w("| `flip_rate`, `flip_rate_ci`, `n_variants` | share of the scenario's held-out failing variants (those that "
+      "fail unintervened) that no longer fail under the position-mapped set; Wilson 95% interval |")
+    w("| `sufficiency_rate`, `n_sufficiency` | share of benign counterparts (incident's and variants', those that "
+      "behave unintervened) that fail once the failing prompt's activations at the set's sites are written into "
+      "them |")
+    w("| `side_effect_rate`, `side_effect_kl`, `side_effects` | share of held-out benign prompts whose output "
+      "(greedy continuation / label) changes under the set; mean KL(baseline ‖ intervened) of the next-token / label "
+      "distribution; per-prompt rows |")
+    w("| `fraction_of_activations` | activation values the set touches / (blocks × recorded sites × recorded "
+      "positions × d_model) |")
+    w("| `one_minimal` | the set fixes and dropping any one element un-fixes it |")
+    w("| `p_value`, `n_controls`, `control_flip_rates` | empirical p = (1 + #controls at least as good) / (1 + "
+      "#controls): controls are random sets of the same size and components (random blocks, random positions of the "
+      "same count, random heads / neurons of the same count), each different from the set, run on the same held-out "
+      "failing variants with the same position rule. The statistic is the flip rate on those variants (the incident "
+      "is left out: the set was chosen on it). A control stops as soon as it reaches the set's flip count or can no "
+      "longer reach it — exactly what the p-value needs; `control_flip_rates` are over the prompts each control ran "
+      "(`evidence.controls.prompts_run`) |")
+    w("| `fdr`, `evidence.claim_p_values` | Benjamini–Hochberg q-values (`scipy.stats.false_discovery_control`) over "
+      "every claim: flip rate vs controls, variant flip rate and sufficiency above the controls' per-prompt flip rate "
+      "(binomial), side effects below 5% (binomial) |")
+    w("| `forward_passes`, `rows`, `seconds`, `evidence.passes_by_stage` | batched forward calls, sequences run "
+      "(a batch row of a forward or of one generation step), wall time; per stage |")
+    w("| `ranking` | method, candidate count, screening rounds, the selection table, Spearman of attribution vs "
+      "exact over the sites evaluated, search-only passes / rows / seconds |")
+    w("")
+    w("## Criteria")
+    w("")
+    w("From seeds 002/003 and issue 6: flip rate ≥ 80% on held-out failing variants, side effects ≤ 5% of held-out "
+      "benign prompts, fraction of activations ≤ 5%, 1-minimal, p < 0.01 against ≥ 200 controls (and the incident "
+      "flipped). `forensics cca` exits 0 when all hold and 1 when one is missed, printing `MISSED <criterion>: target "
+      "…; measured … ; <gap> below/above target` for each.")
+    w("")
+    w("## Results on the shipped scenarios")
+    w("")
+    w("`forensics cca BUNDLE` with its defaults (CF prior, mean-ablation, greedy, 200 controls, one thread):")
+    w("")
+    L.extend(results_table(res))
+    w("")
+    for name, (_, text, _) in res.items():
+        w(f"`forensics cca {name}.h5`:")
+        w("")
+        w("```")
+        L.extend(text.splitlines())
+        w("```")
+        w("")
+    w("## Search budget (`benchmarks/cca.py`)")
+    w("")
+    w("Search to the final set (`evidence=False`) against an exhaustive single-site sweep (every candidate site "
+      "evaluated exactly once, teacher-forced, 64 rows per forward). *Screening* = candidate sets evaluated on the "
+      "incident; *checks* = generation confirmation, counterpart sufficiency and benign reference outputs of the sets "
+      "that fix, pruning, refinement. A *row* is one sequence through the model once (a batch row of a forward, or "
+      "of one generation step); batched forward calls (passes) are no fair unit here, since the sweep packs 64 sites "
+      "into each. Target: ≤ 10% of the sweep.")
+    w("")
+    L.extend(budget_table(bm))
+    w("")
+    met = [n for n, s in bm["scenarios"].items() if s["ratios"]["rows_vs_sweep"] <= 0.10]
+    scr = [n for n, s in bm["scenarios"].items() if s["ours"]["candidates_evaluated"] <= 0.10 * s["n_candidates"]]
+    w(f"Against the sweep's rows the target is met on {len(met)} of {len(bm['scenarios'])} scenarios: the specificity "
+      "checks cost on the order of the benign reference set (84–120 prompts) per set checked, while the sweep itself "
+      "is a handful of batched teacher-forced forwards on these small models and checks nothing. Counting candidate "
+      f"sites evaluated exactly, the search stays within 10% of the sweep on {len(scr)} of "
+      f"{len(bm['scenarios'])} scenarios ({', '.join(f'`{n}`' for n in scr) or 'none'}). The screening grows with "
+      "layers + positions, the sweep with layers × positions. "
+      + _cf_sentence(bm))
+    w("")
+    w("The same search without the CF prior, without any ranking (rounds 1–4 with the remaining sites in listed "
+      "order), and as an exhaustive search (every site in one round, then the same checks):")
+    w("")
+    L.extend(ablation_table(bm))
+    w("")
+    w("## How well attribution agrees with exact single-site effects")
+    w("")
+    L.extend(ranking_table(bm))
+    w("")
+    w("Sites whose mean-ablation has a large nonlinear effect (the layer-0 attention output at the last token that "
+      "carries the GPT-2 injection, for one) get the wrong sign from the linear estimate; that is why the screening "
+      "evaluates the decision position and the token ablations exactly instead of trusting the ranking.")
+    w("")
+    w("## Optional refinement to heads / neurons (`--units`)")
+    w("")
+    L.extend(units_table(res_units, res))
+    w("")
+    w("## Threads and wall time")
+    w("")
+    for c in demo_cli:
+        w(f"- `forensics cca` on the demo incident (`gpt2-prompt-injection`) in a fresh process, {c['threads']} torch "
+          f"thread(s): {c['wall_seconds']:.1f} s wall (imports, model, CF, search, all evidence), exit "
+          f"{c['exit_code']}; target ≤ 60 s: {'met' if c['wall_seconds'] <= 60 else 'MISSED'}.")
+    w("")
+    w("`run_cca` / `evaluate_fix_set` default to one intra-op thread (`threads=1`, `--threads`; 0 = torch's default). "
+      "CCA runs thousands of small batched forwards; when the two cores are shared with other jobs, two OpenMP "
+      "threads wait on each other whenever one is descheduled (see `engine.cca.torch_threads`); on a quiet machine "
+      "the two settings are close, as the lines above show for the load of this run.")
+    w("")
+    w("## Limits")
+    w("")
+    w("- The search metric and fix criterion judge the incident; generalisation is only *measured* (held-out "
+      "variants), never optimised — the variants are never looked at by the search.")
+    w("- `mean` uses the per-position benign mean counted from the start of the prompt; at positions that benign "
+      "prompts reach with different tokens this is a blend, so a residual-stream site there can change benign "
+      f"outputs ({_resid_example(res)}); the specificity order puts such sets last.")
+    w("- The significance test compares against random sets of the same *shape*; a residual-stream element at a "
+      "trigger position is matched by the same position at other layers when those also flip, and p then says so.")
+    w("")
+    return "\n".join(L)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--json", help="also write the raw measurements here")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        bm = bench.measure(bench.SCENARIOS, cli=True, workdir=work)
+        res = {n: run_cli(work / f"{n}.h5", work / f"{n}.cca.json") for n in bench.SCENARIOS}
+        res_units = {n: run_cli(work / f"{n}.h5", work / f"{n}.units.json", "--units") for n in bench.SCENARIOS}
+    Path(args.out).write_text(render(bm, res, res_units), encoding="utf-8")
+    print(f"written {args.out}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"benchmark": bm, "cli": {n: r[2] for n, r in res.items()},
+                                               "cli_units": {n: r[2] for n, r in res_units.items()}},
+                                              indent=1, default=float), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
