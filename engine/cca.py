@@ -99,9 +99,10 @@ class _Cancelled(Exception):
 def torch_threads(n: int | None):
     """Run with ``n`` intra-op torch threads (``None``/0: leave torch's setting), restored afterwards.
 
-    CCA runs thousands of small batched forwards; on this project's 2-core machine, shared with other jobs, two
-    threads were measured 10-14x slower in wall time than one (the OpenMP threads wait on each other whenever one is
-    descheduled), so :func:`run_cca` and :func:`evaluate_fix_set` default to one thread."""
+    CCA runs thousands of small batched forwards. On this project's 2-core machine, shared with other jobs (load
+    average about 6), the demo search with all evidence took 5.0 s with one thread and 71 s with two (toxic: 5.9 s vs
+    52 s): the OpenMP threads wait on each other whenever one is descheduled. On a quiet machine the two are close
+    (``docs/cca.md``), so :func:`run_cca` and :func:`evaluate_fix_set` default to one thread."""
     prev = torch.get_num_threads()
     try:
         if n:

@@ -323,9 +323,9 @@ def render(bm: dict, res: dict, res_units: dict) -> str:
     w("")
     L.extend(ranking_table(bm))
     w("")
-    w("Sites whose mean-ablation has a large nonlinear effect (the layer-0 attention output at the last token that "
-      "carries the GPT-2 injection, for one) get the wrong sign from the linear estimate; that is why the screening "
-      "evaluates the decision position and the token ablations exactly instead of trusting the ranking.")
+    w("Sites whose mean-ablation has a large nonlinear effect rank near the bottom of the linear estimate although "
+      "they fix (the ranks in the last column); that is why the screening evaluates the decision position and the "
+      "token ablations exactly instead of trusting the ranking.")
     w("")
     w("## Optional refinement to heads / neurons (`--units`)")
     w("")
