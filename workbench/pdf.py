@@ -1187,7 +1187,8 @@ def _page_evidence(c: _Canvas, doc: Mapping) -> None:
         ch = max(110.0, min(150.0, avail_h))
         cmax = max(counts) or 1
         ax = _Axes(c, MARGIN_X, y, CONTENT_W, ch, (-0.5 / bins, 1 + 0.5 / bins), (0, cmax * 1.15),
-                   xlabel=f"flip rate of a set over the incident + {max(n_prompts - 1, 0)} failing variants",
+                   xlabel=(f"flip rate of a control set on the failing variants it ran (of {n_prompts})"
+                           if cev.get("prompts_run") else f"flip rate of a set over {n_prompts} failing prompts"),
                    ylabel="control sets", xticks=[0, 0.25, 0.5, 0.75, 1.0], xtick_labels=lambda t: f"{t:.0%}",
                    yticks=_nice_ticks(0, cmax * 1.15, 4))
         width = (ax.X(1.0 / (bins - 1) if n_prompts else 1.0 / bins) - ax.X(0)) * 0.86
@@ -1213,7 +1214,9 @@ def _page_evidence(c: _Canvas, doc: Mapping) -> None:
         y += c.para(MARGIN_X, y, CONTENT_W, f"{extreme if extreme is not None else '?'} of {nc} control sets reached "
                     f"the fix set's flip rate; empirical p = (1 + that count) / (1 + {nc}) = <b>{_num(p, '.2g')}</b>. "
                     f"Controls: {_esc(cev.get('statistic', 'random sets of the same size and components'))}"
-                    f"{'; seed ' + str(cev['seed']) if 'seed' in cev else ''}.", 7.6, colour=INK) + 8
+                    f"{'; seed ' + str(cev['seed']) if 'seed' in cev else ''}."
+                    f"{' Stopping rule: ' + _esc(cev['stopping']) + '.' if cev.get('stopping') else ''}",
+                    7.6, colour=INK) + 8
 
     # FDR
     fdr = cca.get("fdr") or {}
