@@ -451,15 +451,23 @@ class MainWindow(QMainWindow):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``forensics-workbench [BUNDLE]``."""
+    """Entry point of ``forensics-workbench [BUNDLE]`` (Qt's own options such as ``-platform`` pass through)."""
+    import argparse
+
     argv = list(sys.argv if argv is None else argv)
-    app = QApplication.instance() or QApplication(argv)
+    ap = argparse.ArgumentParser(prog="forensics-workbench",
+                                 description="Model Forensics Workbench: browse an incident bundle, run CF and CCA, "
+                                             "edit interventions, review the fix set, export the certificate.")
+    ap.add_argument("bundle", nargs="?", help="incident bundle (.h5) to open")
+    ap.add_argument("--version", action="version", version="forensics-workbench 0.1.0")
+    args, qt_args = ap.parse_known_args(argv[1:])
+    app = QApplication.instance() or QApplication([argv[0], *qt_args])
     app.setOrganizationName(ORGANISATION)
     app.setApplicationName(APPLICATION)
     win = MainWindow()
     win.show()
-    if len(argv) > 1:
-        win.open_path(argv[1])
+    if args.bundle:
+        win.open_path(args.bundle)      # a bad file gets the usual dialog; the window stays up
     return app.exec()
 
 

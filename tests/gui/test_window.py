@@ -168,3 +168,63 @@ def test_escape_cancels_the_running_job(qtbot, demo_bundle):
         win.act_cancel.trigger()
     assert outcome == ["cancelled"]
     win.close()
+
+
+def test_command_line_opens_the_bundle(qtbot, demo_bundle, monkeypatch):
+    """``forensics-workbench BUNDLE`` shows the window with the bundle open."""
+    from PySide6.QtWidgets import QApplication
+
+    from workbench import app as appmod
+
+    seen = []
+
+    def fake_exec(self):               # instead of entering the event loop: look at what the user would see
+        wins = [w for w in QApplication.topLevelWidgets() if isinstance(w, appmod.MainWindow) and w.isVisible()]
+        for w in wins:
+            seen.append((w.windowTitle(), w.session.path))
+            w.close()
+        return 0
+
+    monkeypatch.setattr(QApplication, "exec", fake_exec)
+    assert appmod.main(["forensics-workbench", str(demo_bundle)]) == 0
+    assert seen == [(f"{demo_bundle.name} — Model Forensics Workbench", Path(demo_bundle))]
+
+
+def test_help_open_demo_records_and_opens_it(qtbot, tmp_path, monkeypatch):
+    """Help ▸ Open demo incident, with no demo recorded yet: it is recorded on the engine thread, then opened."""
+    from workbench import app as appmod
+
+    monkeypatch.chdir(tmp_path)                                     # no demo-out/ here
+    target = tmp_path / "cache" / "demo-incident.h5"
+    monkeypatch.setattr(appmod, "demo_cache_path", lambda: target)
+    win = appmod.MainWindow()
+    qtbot.addWidget(win)
+    win.show()
+    assert win.act_demo.shortcut().toString() == "F1"
+    with qtbot.waitSignal(win.session.bundle_opened, timeout=180_000):
+        win.act_demo.trigger()
+        assert "Recording the demo incident" in win.statusBar().currentMessage()
+    assert win.session.path == target and target.is_file()
+    assert win.session.bundle.failing and "HACKED" in win.incident.plain_text()
+    assert not list(target.parent.glob("*.part"))                   # no half-written file left behind
+    win.close()
+
+
+def test_close_during_a_cca_run_exits_cleanly(qtbot, demo_bundle):
+    """Run CCA (Ctrl+Shift+R), close the window while it searches: it stops promptly, no thread is left."""
+    from workbench.app import MainWindow
+
+    win = MainWindow()
+    qtbot.addWidget(win)
+    win.show()
+    assert win.open_path(demo_bundle)
+    cca = win.view("CCA")
+    cca.controls.setValue(2000)                                     # long enough to be mid-run when we close
+    win.act_run_cca.trigger()
+    assert win.tabs.currentWidget() is cca
+    qtbot.waitUntil(lambda: len(cca._trace) >= 1, timeout=60_000)   # the search is running
+    assert win.runner.is_running()
+    t0 = time.monotonic()
+    win.close()
+    assert time.monotonic() - t0 < 5
+    assert not win.runner._thread.isRunning() and win.session.bundle is None
