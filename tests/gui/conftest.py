@@ -9,6 +9,9 @@
 * ``_qt_settings_tmp`` (autouse) points ``QSettings`` (INI format, user scope) into a temporary folder, so tests
   never read or write the user's real recent files / window geometry.
 * ``window``: a shown :class:`workbench.app.MainWindow` with the demo incident open.
+* ``session``: a :class:`workbench.session.Session` on its own engine thread with the demo incident open (for
+  testing one view on its own).
+* ``boxes``: ``QMessageBox.critical/information/warning`` captured as ``(title, text)`` instead of modal dialogs.
 """
 
 from __future__ import annotations
@@ -104,3 +107,34 @@ def window(qtbot, demo_bundle):
     assert win.open_path(demo_bundle)
     yield win
     win.close()
+
+
+@pytest.fixture
+def session(qtbot, demo_bundle):
+    """A session with its own engine thread and the demo incident open; shut down after the test."""
+    from workbench.session import Session
+    from workbench.worker import EngineRunner
+
+    runner = EngineRunner()
+    s = Session(runner)
+    s.open(demo_bundle)
+    yield s
+    s.close()
+    assert runner.shutdown(10_000)
+
+
+@pytest.fixture
+def boxes(monkeypatch):
+    """Capture QMessageBox.critical/information/warning instead of showing modal dialogs."""
+    from PySide6.QtWidgets import QMessageBox
+
+    seen: list[tuple[str, str]] = []
+
+    def fake(parent, title, text, *a, **k):
+        seen.append((title, text))
+        return QMessageBox.StandardButton.Ok
+
+    monkeypatch.setattr(QMessageBox, "critical", fake)
+    monkeypatch.setattr(QMessageBox, "information", fake)
+    monkeypatch.setattr(QMessageBox, "warning", fake)
+    return seen

@@ -10,19 +10,7 @@ import pytest
 pytest.importorskip("PySide6")
 pytest.importorskip("pytestqt")
 
-from workbench.session import Session  # noqa: E402
 from workbench.views.cca_view import CCAView  # noqa: E402
-from workbench.worker import EngineRunner  # noqa: E402
-
-
-@pytest.fixture
-def session(qtbot, demo_bundle):
-    runner = EngineRunner()
-    s = Session(runner)
-    s.open(demo_bundle)
-    yield s
-    s.close()
-    assert runner.shutdown(10_000)
 
 
 @pytest.fixture

@@ -50,19 +50,6 @@ def test_bar_plot_draws_scores_threshold_and_click(qtbot):
 # ---------------------------------------------------------------------------------------------------------------
 # The view, end to end on the demo incident (needs engine.cf)
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.fixture
-def session(qtbot, demo_bundle):
-    from workbench.session import Session
-    from workbench.worker import EngineRunner
-
-    runner = EngineRunner()
-    s = Session(runner)
-    s.open(demo_bundle)
-    yield s
-    s.close()
-    assert runner.shutdown(10_000)
-
-
 @pytest.mark.skipif(importlib.util.find_spec("engine.cf") is None, reason="engine.cf has not landed")
 def test_cf_run_fills_plot_live_and_bar_click_jumps(qtbot, session):
     from workbench.views.cf_view import CFView

@@ -21,24 +21,11 @@ import pytest
 pytest.importorskip("PySide6")
 pytest.importorskip("pytestqt")
 
-from PySide6.QtWidgets import QFileDialog, QMessageBox  # noqa: E402
+from PySide6.QtWidgets import QFileDialog  # noqa: E402
 
 from test_certificate import demo_evidence  # noqa: E402
 
 TIMEOUT_MS = 240_000
-
-
-@pytest.fixture
-def boxes(monkeypatch):
-    seen: list[tuple[str, str]] = []
-
-    def fake(parent, title, text, *a, **k):
-        seen.append((title, text))
-        return QMessageBox.StandardButton.Ok
-
-    monkeypatch.setattr(QMessageBox, "critical", fake)
-    monkeypatch.setattr(QMessageBox, "information", fake)
-    return seen
 
 
 @pytest.fixture

@@ -18,9 +18,7 @@ pytest.importorskip("pytestqt")
 
 from PySide6.QtCore import Qt  # noqa: E402
 
-from workbench.session import Session  # noqa: E402
 from workbench.views.review_view import ReviewView  # noqa: E402
-from workbench.worker import EngineRunner  # noqa: E402
 
 N_CONTROLS = 30
 
@@ -51,16 +49,6 @@ def _causal_site(bundle, handle):
     fixing = [c for c, r in zip(cands, res.results) if not r.failing]
     assert fixing, "no single L0 attn position fixes the demo incident"
     return fixing[-1]
-
-
-@pytest.fixture
-def session(qtbot, demo_bundle):
-    runner = EngineRunner()
-    s = Session(runner)
-    s.open(demo_bundle)
-    yield s
-    s.close()
-    assert runner.shutdown(10_000)
 
 
 @pytest.fixture

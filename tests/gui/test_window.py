@@ -5,26 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import pytest
-
 from PySide6.QtCore import QMimeData, QPointF, Qt, QUrl
 from PySide6.QtGui import QDropEvent
-from PySide6.QtWidgets import QMessageBox
-
-
-@pytest.fixture
-def boxes(monkeypatch):
-    """Capture QMessageBox.critical/information instead of showing modal dialogs."""
-    seen: list[tuple[str, str]] = []
-
-    def fake(parent, title, text, *a, **k):
-        seen.append((title, text))
-        return QMessageBox.StandardButton.Ok
-
-    monkeypatch.setattr(QMessageBox, "critical", fake)
-    monkeypatch.setattr(QMessageBox, "information", fake)
-    monkeypatch.setattr(QMessageBox, "warning", fake)
-    return seen
 
 
 def test_open_shows_incident_and_title(window, demo_bundle):
