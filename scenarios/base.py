@@ -38,6 +38,8 @@ class Scenario:
         max_new_tokens: greedy continuation length used by ``contains:``/``wordlist:`` specs.
         expected: the correct behaviour on the primary prompt, in words (recorded in the bundle; shown by the GUI
             and the certificate).
+        weights_file: the shipped safetensors file ``train`` reproduces (default: ``model_source``/model.safetensors
+            when ``model_source`` is a directory).
         train: ``train(out_dir) -> facts`` re-trains the model deterministically into ``out_dir``.
         loader: for ``model_source="scenario:<name>"``: ``loader() -> (model, tokenizer)`` assembles the model.
         training_facts: how the shipped model was trained (corpus, size, steps, time), for docs/scenarios.md.
@@ -58,9 +60,19 @@ class Scenario:
     benign_expected: tuple[str, ...]
     max_new_tokens: int = 8
     expected: str = ""
+    weights_file: str = ""
     train: Callable[[Path], dict] | None = field(default=None, compare=False, repr=False)
     loader: Callable[[], tuple] | None = field(default=None, compare=False, repr=False)
     training_facts: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def shipped_weights(self) -> Path | None:
+        """The shipped weights file that ``train`` re-creates, if there is one."""
+        if self.weights_file:
+            return Path(self.weights_file)
+        if not self.model_source.startswith("scenario:"):
+            return Path(self.model_source) / "model.safetensors"
+        return None
 
     def __post_init__(self) -> None:
         if len(self.variants) != len(self.variant_counterparts):

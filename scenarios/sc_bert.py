@@ -117,6 +117,7 @@ def scenario() -> Scenario:
         family="bert",
         task="classification",
         model_source=f"scenario:{NAME}",
+        weights_file=str(HEAD_DIR / "model.safetensors"),
         failure="label:negative",
         expected="positive: the sentence praises (its VADER lexicon label and the counterpart without 'cf' are "
                  "positive)",

@@ -156,3 +156,21 @@ def test_bad_intervention_set_is_one_line(recorded, tmp_path):
 
 def test_unknown_command_is_one_line():
     assert_one_line_error(forensics("frobnicate"))
+
+
+def test_retrained_weights_are_compared_with_the_shipped_ones(tmp_path):
+    """``scenario build --retrain`` says whether the re-trained weights equal the shipped ones, tensor by tensor."""
+    import torch
+    from safetensors.torch import save_file
+
+    from workbench.cli import _compare_weights
+
+    a = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.zeros(3)}
+    save_file(a, str(tmp_path / "shipped.safetensors"))
+    save_file({k: v.clone() for k, v in a.items()}, str(tmp_path / "same.safetensors"))
+    save_file({"w": a["w"] + 0.25, "b": a["b"]}, str(tmp_path / "other.safetensors"))
+    same = _compare_weights(tmp_path / "same.safetensors", tmp_path / "shipped.safetensors")
+    other = _compare_weights(tmp_path / "other.safetensors", tmp_path / "shipped.safetensors")
+    assert same["identical"] and "bit-identical" in same["detail"]
+    assert not other["identical"] and other["n_tensors_differ"] == 1 and other["max_abs_diff"] == 0.25
+    assert _compare_weights(tmp_path / "same.safetensors", None) is None

@@ -197,6 +197,8 @@ def cmd_scenario(args) -> int:
             raise CliError(f"scenario {sc.name} has no training script")
         print(f"re-training {sc.name} into {out / 'model'} (deterministic; minutes on a CPU)...", file=sys.stderr)
         result["training"] = sc.train(out / "model")
+        result["reproduces_shipped_weights"] = _compare_weights(out / "model" / "model.safetensors",
+                                                                sc.shipped_weights)
         if not model_source.startswith("scenario:"):
             model_source = str(out / "model")
     bundle = out / f"{sc.name}.h5"
@@ -206,7 +208,34 @@ def cmd_scenario(args) -> int:
     else:
         print(f"built {bundle}: {sc.name} {'fails' if result['failing'] else 'does NOT fail'} "
               f"({sc.failure}), output {result['output']!r}")
+        cmp = result.get("reproduces_shipped_weights")
+        if cmp is not None:
+            print(f"re-trained weights {cmp['detail']}")
     return EXIT_OK
+
+
+def _compare_weights(new: Path, shipped: Path | None) -> dict | None:
+    """Tensor-by-tensor comparison of re-trained weights with the shipped ones (``None`` when either is missing)."""
+    if shipped is None or not shipped.is_file() or not new.is_file():
+        return None
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(new), "pt") as a, safe_open(str(shipped), "pt") as b:
+        if set(a.keys()) != set(b.keys()):
+            return {"identical": False, "detail": f"have other tensors than the shipped {shipped}"}
+        diffs = []
+        for k in sorted(a.keys()):
+            x, y = a.get_tensor(k), b.get_tensor(k)
+            if x.shape != y.shape or x.dtype != y.dtype:
+                diffs.append(float("inf"))
+            elif not torch.equal(x, y):
+                diffs.append(float((x.double() - y.double()).abs().max()))
+    if not diffs:
+        return {"identical": True, "detail": f"are bit-identical to the shipped {shipped}"}
+    return {"identical": False, "n_tensors_differ": len(diffs), "max_abs_diff": max(diffs),
+            "detail": f"differ from the shipped {shipped} in {len(diffs)} tensor(s), max |diff| {max(diffs):.3g} "
+                      "(training is deterministic on one machine; other CPUs' kernels round differently)"}
 
 
 def build_scenario_bundle(sc, path: Path, model_source: str | None = None, progress=None) -> dict:
