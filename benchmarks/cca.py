@@ -4,15 +4,21 @@
 
 Per scenario (bundle recorded fresh from the shipped scenario, one torch thread, see ``engine.cca.torch_threads``):
 
-* **search to the final set** (``run_cca(..., evidence=False)``): forward passes (batched forward calls), rows (one
-  prompt through the model once: a batch row of a forward, or of one generation step) and wall time, split into
-  *screening* (candidate sites evaluated exactly, teacher-forced) and *checks* (generation confirmation, counterpart
-  sufficiency, benign reference outputs, pruning, refinement);
-* against an **exhaustive single-site sweep** (every candidate site evaluated exactly once, teacher-forced, 64 rows
-  per forward): target ≤ 10% of its rows;
-* against the **same search without CF** (attribution only), **without any ranking** (the screening rounds with the
-  remaining candidates in listed order) and the **exhaustive search** (every candidate in one round, then the same
-  checks) — each must reach the same set;
+* **search to the final set** (``run_cca(..., evidence=False)``, the defaults: CF-guided): batched forward passes
+  and *rows* (one sequence through the model once: a batch row of a forward, or of one generation step — the
+  sequential-forward equivalent, the only unit that is fair when one side packs 64 sites into a forward), split into
+  *screening* (candidate sets evaluated on the incident, teacher-forced: token ablations, group tests, sites on
+  their own) and *checks* (generation confirmation, counterpart sufficiency, the benign reference prompts'
+  baselines and outputs under the sets checked, pruning, refinement), and wall time;
+* two baselines, both printed: the **raw exhaustive single-site sweep** (every candidate site evaluated once on the
+  incident, teacher-forced, 64 rows per forward; no checks, so it does not reach a chosen set) and the **sweep +
+  the same checks** (``ranking="exhaustive"``: the same sweep, then the same lazy chooser on every fixing site it
+  found — the cheapest way a sweep reaches the same kind of answer). The ≤ 10% target is judged against the second
+  (like for like); the first is printed beside it;
+* the **same search without CF** (positions ordered by the attribution estimate instead of CF's position anomaly)
+  and **without any ranking** (positions and sites in listed order): the seed's "CF cuts the CCA search ≥ 50%" is
+  judged as 1 − rows(with CF) / rows(without CF), on all rows and on screening rows alone; every variant must reach
+  the same set;
 * **ranking quality**: Spearman rank correlation between the attribution estimate of every candidate and its exact
   single-site effect on the search metric (from the sweep), the attribution rank of the chosen site, and how many of
   the exact 10 strongest sites the attribution's top 10 holds;
@@ -65,7 +71,14 @@ def _search(bundle, handle, **kw) -> dict:
             "check_rows": int(sum(v for k, v in rows.items() if k not in SCREEN_STAGES)),
             "screen_passes": int(sum(v for k, v in passes.items() if k in SCREEN_STAGES)),
             "candidates_evaluated": int(rk.get("candidates_evaluated", 0)), "n_candidates": int(rk["n_candidates"]),
-            "rounds": [r["round"] for r in rk.get("rounds", [])], "backward_passes": int(rk["backward_passes"])}
+            "rounds": [r["round"] for r in rk.get("rounds", [])], "backward_passes": int(rk["backward_passes"]),
+            "candidates_resolved": int(rk.get("candidates_resolved", rk.get("candidates_evaluated", 0))),
+            "group_tests": int(rk.get("group_tests", 0)), "order": rk.get("order"),
+            "sets_fully_checked": sum(1 for r in rk.get("selection", []) if r.get("confirmed") and
+                                      not r.get("changed_is_lower_bound")),
+            "sets_checked": sum(1 for r in rk.get("selection", []) if r.get("confirmed") is not None),
+            "n_benign_reference": next((r.get("n_benign_reference") for r in rk.get("selection", [])
+                                        if r.get("n_benign_reference") is not None), 0)}
 
 
 def _sweep(bundle, handle) -> dict:
@@ -125,9 +138,14 @@ def measure_scenario(name: str, workdir: Path) -> dict:
                     "top10_overlap": len(set(order_est[:10]) & set(order_exact[:10])),
                     "fixing_attribution_ranks": sorted(order_est.index(s) + 1 for s in sw["fixing_teacher_forced"])},
         "ratios": {"rows_vs_sweep": ours["rows"] / sw["rows"], "screen_rows_vs_sweep": ours["screen_rows"] / sw["rows"],
+                   "passes_vs_sweep": ours["passes"] / sw["passes"],
                    "rows_vs_no_ranking": ours["rows"] / unranked["rows"],
                    "rows_vs_no_cf": ours["rows"] / no_cf["rows"],
+                   "screen_rows_vs_no_cf": ours["screen_rows"] / no_cf["screen_rows"],
+                   "cf_cut_rows": 1 - ours["rows"] / no_cf["rows"],
+                   "cf_cut_screen_rows": 1 - ours["screen_rows"] / no_cf["screen_rows"],
                    "rows_vs_exhaustive_search": ours["rows"] / exhaustive["rows"],
+                   "passes_vs_exhaustive_search": ours["passes"] / exhaustive["passes"],
                    "seconds_vs_sweep": ours["seconds"] / sw["seconds"] if sw["seconds"] else None},
         "same_set": {"no_cf": no_cf["set"] == ours["set"], "no_ranking": unranked["set"] == ours["set"],
                      "exhaustive_search": exhaustive["set"] == ours["set"]},
@@ -169,22 +187,40 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+TARGET_VS_SWEEP = 0.10
+TARGET_CF_CUT = 0.50
+
+
 def _print_scenario(s: dict) -> None:
-    o, sw, r, rk = s["ours"], s["sweep"], s["ratios"], s["ranking"]
+    o, sw, r, rk, ex = s["ours"], s["sweep"], s["ratios"], s["ranking"], s["exhaustive_search"]
     print(f"== {s['scenario']}: {s['n_candidates']} candidate sites; final set {', '.join(o['set']) or '-'}")
-    print(f"   search to the final set: {o['passes']} passes, {o['rows']} rows ({o['screen_rows']} screening, "
-          f"{o['check_rows']} checks), {o['seconds']:.2f} s; {o['candidates_evaluated']} sites evaluated "
-          f"in rounds: {'; '.join(o['rounds'])}")
-    print(f"   exhaustive single-site sweep: {sw['passes']} passes, {sw['rows']} rows, {sw['seconds']:.2f} s")
-    ok = "met" if r["rows_vs_sweep"] <= 0.10 else "MISSED"
-    print(f"   rows vs sweep: {_pct(r['rows_vs_sweep'])} (target <= 10%: {ok}); screening rows alone "
-          f"{_pct(r['screen_rows_vs_sweep'])}")
-    for key, label in (("no_cf", "without CF"), ("no_ranking", "without CF/gradient ranking"),
-                       ("exhaustive_search", "exhaustive search")):
+    print(f"   search to the final set (CF-guided, default): {o['passes']} passes, {o['rows']} rows "
+          f"({o['screen_rows']} screening, {o['check_rows']} checks), {o['seconds']:.2f} s; "
+          f"{o['candidates_resolved']} of {s['n_candidates']} sites resolved ({o['candidates_evaluated']} on their "
+          f"own, the rest cleared by {o['group_tests']} group tests); {o['sets_checked']} fixing set(s) checked, "
+          f"{o['sets_fully_checked']} on all {o['n_benign_reference']} benign reference prompts")
+    print(f"   (a) raw single-site sweep, incident only, no checks: {sw['passes']} passes, {sw['rows']} rows, "
+          f"{sw['seconds']:.2f} s")
+    print(f"   (b) sweep + the same checks on its fixing sites (ranking='exhaustive'): {ex['passes']} passes, "
+          f"{ex['rows']} rows ({ex['screen_rows']} screening, {ex['check_rows']} checks), {ex['seconds']:.2f} s; "
+          f"same set: {'yes' if s['same_set']['exhaustive_search'] else 'NO: ' + ', '.join(ex['set'])}")
+    for label, key in (("(b) like for like, judged", "rows_vs_exhaustive_search"), ("(a) raw sweep", "rows_vs_sweep")):
+        v = r[key]
+        ok = "met" if v <= TARGET_VS_SWEEP else f"MISSED by {100 * (v - TARGET_VS_SWEEP):.1f} points"
+        print(f"   search rows / {label}: {_pct(v)} (target <= 10%: {ok})")
+    print(f"   passes: search / (b) {_pct(r['passes_vs_exhaustive_search'])}, search / (a) {_pct(r['passes_vs_sweep'])}; "
+          f"screening rows alone / (a) {_pct(r['screen_rows_vs_sweep'])}")
+    for key, label in (("no_cf", "without CF (positions by attribution)"),
+                       ("no_ranking", "without CF/gradient ranking (listed order)")):
         x = s[key]
-        print(f"   {label}: {x['passes']} passes, {x['rows']} rows, {x['seconds']:.2f} s, "
-              f"{x['candidates_evaluated']} sites; ours / it = {_pct(o['rows'] / x['rows'])} of the rows; "
+        print(f"   {label}: {x['passes']} passes, {x['rows']} rows ({x['screen_rows']} screening, "
+              f"{x['check_rows']} checks), {x['seconds']:.2f} s, {x['candidates_evaluated']} sites on their own; "
+              f"with CF / it = {_pct(o['rows'] / x['rows'])} of the rows; "
               f"same set: {'yes' if s['same_set'][key] else 'NO: ' + ', '.join(x['set'])}")
+    for what, key in (("all rows", "cf_cut_rows"), ("screening rows", "cf_cut_screen_rows")):
+        v = r[key]
+        ok = "met" if v >= TARGET_CF_CUT else f"MISSED by {100 * (TARGET_CF_CUT - v):.1f} points"
+        print(f"   CF cuts the search ({what}) by {_pct(v)} (target >= 50%: {ok})")
     sp = rk["spearman_all"]
     print(f"   attribution vs exact single-site effect: Spearman {'n/a' if sp is None else f'{sp:.3f}'} over "
           f"{rk['n']} sites; chosen site ranks {rk['chosen_attribution_rank']} by attribution, "
@@ -196,14 +232,37 @@ def _print_scenario(s: dict) -> None:
     sys.stdout.flush()
 
 
+def print_summary(out: dict) -> None:
+    """One line per target over every scenario: met, or what was missed and by how much."""
+    sc = out["scenarios"]
+    if not sc:
+        return
+    for key, label in (("rows_vs_exhaustive_search", "search rows <= 10% of sweep + same checks (judged)"),
+                       ("rows_vs_sweep", "search rows <= 10% of the raw sweep (printed, not like for like)")):
+        miss = {n: s["ratios"][key] for n, s in sc.items() if s["ratios"][key] > TARGET_VS_SWEEP}
+        print(f"TARGET {label}: " + ("met on every scenario" if not miss else
+              f"MISSED on {len(miss)} of {len(sc)}: " + "; ".join(f"{n} {_pct(v)}" for n, v in miss.items())))
+    for key, label in (("cf_cut_rows", "CF cuts the search >= 50% (all rows)"),
+                       ("cf_cut_screen_rows", "CF cuts the screening >= 50% (screening rows)")):
+        miss = {n: s["ratios"][key] for n, s in sc.items() if s["ratios"][key] < TARGET_CF_CUT}
+        print(f"TARGET {label}: " + ("met on every scenario" if not miss else
+              f"MISSED on {len(miss)} of {len(sc)}: " + "; ".join(f"{n} cut {_pct(v)}" for n, v in miss.items())))
+    floor = {n: s["ours"]["n_benign_reference"] for n, s in sc.items()}
+    print("FLOOR common to the search and (b): the chosen set is checked on every benign reference prompt (" +
+          ", ".join(f"{n} {k}" for n, k in floor.items()) + " prompts; generation incidents also confirm each "
+          "prompt's own output once, about as many rows again)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--json", help="write every measurement to this JSON file")
     ap.add_argument("--no-cli", action="store_true", help="skip timing forensics cca on the demo in a fresh process")
+    ap.add_argument("--workdir", help="record bundles here (reused when present) instead of a temporary folder")
     args = ap.parse_args(argv)
     names = [n for n in args.scenarios.split(",") if n]
-    out = measure(names, cli=not args.no_cli)
+    out = measure(names, cli=not args.no_cli, workdir=Path(args.workdir) if args.workdir else None)
+    print_summary(out)
     for c in out.get("demo_cli", []):
         ok = "met" if c["wall_seconds"] <= 60 else "MISSED"
         print(f"== forensics cca on the demo incident, {c['threads']} thread(s): {c['wall_seconds']:.1f} s wall "

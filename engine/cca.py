@@ -26,16 +26,20 @@ single-site results; ``docs/cca.md`` has the long form):
    from the recorded residual stream of the lowest intervened block, the shared prompt prefix run once). A set
    *fixes* the incident when the metric is ``<= -margin`` (the failing outcome / continuation beaten by at least
    ``margin`` logits) **and**, for generation incidents, the greedy continuation generated under the set no longer
-   fails. Single sites are screened in rounds, stopping after the first round that yields a *clean* fix (below):
-   (a) every component at the decision position (the last prompt token of a causal LM, the first of an encoder),
-   plus the ``top_m`` ranked sites; (b) token ablations (``resid_pre`` of block 0 at every position); (c) every
-   component at the (at most 3) positions whose token ablation moved the metric by ``>= margin``; (d) the remaining
-   sites in ranked order, 8, 16, 32, … per round. Without a clean single site, sets of 2, 3, … are grown by greedy /
-   beam search (``beam`` best non-fixing sets, each extended by its ``top_m`` ranked sites and the decision / hot
-   position sites). Of the sets that fix, the one chosen is the most *specific*: fewest changed outputs on the
-   bundle's benign **reference** prompts (never the held-out ones); then *sufficient* on the incident's counterpart
-   (the failing run's activations at the set's sites, written into the benign counterpart, re-create the failure);
-   then a sublayer's output before the residual stream (head/neuron < attn/mlp < resid); then lowest metric. *Clean*
+   fails. Single sites: (a) token ablations (``resid_pre`` of block 0 at every position, each on its own); (b) the
+   other sites one prompt position at a time — with CF in the order of CF's position anomaly
+   (``CFResult.order_candidates``), without CF by the attribution estimate — each position's block screened by
+   adaptive group testing (the union of a group is one row; a union that does not fix clears its sites, one that
+   fixes is bisected down to groups of <= 4 evaluated site by site, so every fixing site was evaluated alone). The
+   checks run after the first position block and after each later one; the search stops after the first block
+   that leaves a *clean* fix (below). Without a clean single site, the remaining singles are evaluated and sets of
+   2, 3, … are grown by greedy / beam search (``beam`` best non-fixing sets, each extended by its ``top_m`` ranked
+   sites and the decision / hot position sites). Of the sets that fix, the one chosen is the most *specific*: fewest
+   changed outputs on the bundle's benign **reference** prompts (never the held-out ones); then *sufficient* on the
+   incident's counterpart (the failing run's activations at the set's sites, written into the benign counterpart,
+   re-create the failure); then a sublayer's output before the residual stream (head/neuron < attn/mlp < resid);
+   then lowest metric — checked lazily and exactly (:class:`_Chooser`: lower bounds tightened for the current
+   minimum only; the reference prompts in blocks of 8, 16, 32, … so a set that cannot win is cut early). *Clean*
    = sufficient (or no counterpart) and changing at most 5% of the reference outputs. Then **pruning** to a 1-minimal
    set (drop any element that is not needed) and refinement of position groups.
 5. **Evidence** (:func:`evaluate_fix_set`) — flip rate on the held-out failing variants (Wilson 95%), sufficiency
@@ -900,43 +904,51 @@ class _Incident:
         The prompts run in blocks of ``block``; a set whose count exceeds ``limit`` is not run further (its count
         is then a lower bound, flagged ``True`` in the second list).
         """
-        items = self._benign_items()
+        n = len(self._benign_items())
+        changed = [0] * len(fixes)
+        cut = [False] * len(fixes)
+        for b0 in range(0, n, block):
+            alive = [s for s in range(len(fixes)) if not cut[s]]
+            if not alive:
+                break
+            got = self.benign_block([fixes[s] for s in alive], b0, min(n, b0 + block))
+            for s, c in zip(alive, got):
+                changed[s] += c
+            if limit is not None and b0 + block < n:
+                for s in alive:
+                    cut[s] = changed[s] > limit
+        return changed, cut
+
+    def benign_block(self, fixes: Sequence[Sequence[Intervention]], start: int, stop: int) -> list[int]:
+        """Per set: how many of the benign reference prompts ``[start:stop]`` change output under it (see
+        :meth:`benign_changed`); one batch of rows per set and prompt."""
+        items = self._benign_items()[start:stop]
         if not items or not fixes:
-            return [0] * len(fixes), [False] * len(fixes)
+            return [0] * len(fixes)
         h = self.handle
         if self.op == "patch":
             cp = (self.bundle.prompt_sets.get("counterpart") or [None])[0]
-            cache: dict = {}
+            cache = self.cache.setdefault("patch_donor", {})
             srcs = [_prompt_sources(self.bundle, h, cp, int(it.ids.shape[0]), cache, self.means) for it in items]
         else:
             srcs = [it.sources for it in items]
         changed = [0] * len(fixes)
-        cut = [False] * len(fixes)
         eos = getattr(h.tokenizer, "eos_token_id", None) if h.tokenizer is not None else None
-        for b0 in range(0, len(items), block):
-            alive = [s for s in range(len(fixes)) if not cut[s]]
-            if not alive:
-                break
-            part = list(zip(items[b0:b0 + block], srcs[b0:b0 + block]))
-            work = [_Item(it.ids, [InterventionSet(tuple(_map_set(fixes[s], self.prompt_ids, self.n_prompt,
-                                                                  it.ids.tolist()))) for s in alive],
-                          src, it.token_type_ids, it.baseline) for it, src in part]
-            if self.gen_kind:
-                rows = [(i, j) for i in range(len(work)) for j in range(len(alive)) if work[i].sets[j].interventions]
-                out = [[None] * len(alive) for _ in work]
-                for _, j in _screen_rows(h, work, rows, out, eos, self.budget, MAX_ROWS):
-                    changed[alive[j]] += 1
-            else:
-                out = _run_items(h, work, self.bundle.failure, generate=False,
-                                 max_new_tokens=self.bundle.max_new_tokens, budget=self.budget,
-                                 target_index=self.ctx.target_index, id2label=self.id2label)
-                for it, o in zip(work, out):
-                    for j, s in enumerate(alive):
-                        changed[s] += int(o[j]["output"] != it.baseline["output"])
-            if limit is not None and b0 + block < len(items):
-                for s in alive:
-                    cut[s] = changed[s] > limit
-        return changed, cut
+        work = [_Item(it.ids, [InterventionSet(tuple(_map_set(f, self.prompt_ids, self.n_prompt, it.ids.tolist())))
+                               for f in fixes], src, it.token_type_ids, it.baseline) for it, src in zip(items, srcs)]
+        if self.gen_kind:
+            rows = [(i, j) for i in range(len(work)) for j in range(len(fixes)) if work[i].sets[j].interventions]
+            out = [[None] * len(fixes) for _ in work]
+            for _, j in _screen_rows(h, work, rows, out, eos, self.budget, MAX_ROWS):
+                changed[j] += 1
+        else:
+            out = _run_items(h, work, self.bundle.failure, generate=False,
+                             max_new_tokens=self.bundle.max_new_tokens, budget=self.budget,
+                             target_index=self.ctx.target_index, id2label=self.id2label)
+            for it, o in zip(work, out):
+                for j in range(len(fixes)):
+                    changed[j] += int(o[j]["output"] != it.baseline["output"])
+        return changed
 
     def pair_sufficient(self, fixes: Sequence[Sequence[Intervention]]) -> list[bool | None]:
         """Per set: does writing the failing run's recorded activations at the set's sites into the incident's
@@ -951,13 +963,19 @@ class _Incident:
         acts = {k: _recorded(self.bundle, h, k, self.n_prompt) for k in keys}
         sets = [InterventionSet(tuple(_transplant(f, self.prompt_ids, self.n_prompt, acts, b_ids.tolist(), h)))
                 for f in fixes]
-        item = _Item(b_ids, [InterventionSet()] + sets, None, _tti(enc), guess=self.guess(cps[0]),
+        base = self.cache.get("counterpart_baseline")  # the counterpart's own outcome, run once
+        item = _Item(b_ids, ([] if base is not None else [InterventionSet()]) + sets, None, _tti(enc),
+                     baseline=base if self.gen_kind else None, guess=self.guess(cps[0]),
                      alt=self.guess(self.bundle.prompt))
         out = _run_items(h, [item], self.bundle.failure, generate=True, max_new_tokens=self.bundle.max_new_tokens,
                          budget=self.budget, target_index=self.ctx.target_index, id2label=self.id2label)[0]
-        if out[0]["failing"]:
+        if base is None:
+            base, out = out[0], out[1:]
+            self.cache["counterpart_baseline"] = item.baseline if self.gen_kind else base
+            self.cache["counterpart_baseline_failing"] = bool(base["failing"])
+        if self.cache["counterpart_baseline_failing"]:
             return [None] * len(fixes)
-        return [bool(o["failing"]) for o in out[1:]]
+        return [bool(o["failing"]) for o in out]
 
     # -- attribution patching ----------------------------------------------------------------------------------
     def _grad_terms(self, base: Sequence[Intervention], keys: Sequence[tuple[int, str]]) -> dict:
@@ -1170,10 +1188,11 @@ def run_cca(bundle, handle: ModelHandle | None = None, *, cf=None, op: str = "me
         max_size: largest set searched.
         n_controls: random control sets for the significance test (>= 200 for the issue's criterion).
         seed: seeds the control sets.
-        top_m: candidates added per screening round from the ranking, and per beam state and step.
-        ranking: ``"attribution"`` (gradient × difference, with the CF prior), ``"none"`` (the same screening rounds
-            without a ranking: remaining candidates in their listed order) or ``"exhaustive"`` (every candidate
-            evaluated at once: the baseline of the benchmark).
+        top_m: candidates added per beam state and step from the ranking.
+        ranking: ``"attribution"`` (CF's positional order when ``cf`` is given, attribution × (1 + CF prior) within
+            its ties; the attribution order alone without ``cf``), ``"none"`` (the same search with positions and
+            sites in listed order) or ``"exhaustive"`` (every single site evaluated at once, then the same checks:
+            the like-for-like baseline of the benchmark).
         margin: fix margin in logits (the failing outcome / recorded continuation beaten by at least this much).
         evidence: compute the evidence (variants, sufficiency, side effects, controls); ``False`` = search only.
         refine_units: refine ``attn`` / ``mlp`` elements to the fewest heads / neurons (fewer values than the whole
@@ -1248,9 +1267,12 @@ def _run_cca(bundle, handle: ModelHandle, *, cf, op, beam, max_size, n_controls,
         prog(0, f"screening {len(cands)} candidate sites")
         budget.stage = "search"
         chooser = _Chooser(inc)
-        srch = _Search(inc, cands, prior, ranking, top_m, chooser, budget, state, step, rank_info)
+        srch = _Search(inc, cands, prior, ranking, top_m, chooser, budget, state, step, rank_info,
+                       cf=cf if ranking == "attribution" else None)
         srch.size1()
         size = 1
+        if not chooser.clean() and max_size > 1:
+            srch.singles_for_beam()
         beams = srch.best_singles(beam)
         # larger sets while nothing fixes, or while no fix is specific enough ("clean", see _Chooser.clean)
         while not chooser.clean() and size < max_size and beams:
@@ -1291,7 +1313,9 @@ def _run_cca(bundle, handle: ModelHandle, *, cf, op, beam, max_size, n_controls,
         rank_info["backward_passes"] = budget.backward
         rank_info["search_passes_by_stage"] = dict(budget.by_stage)
         rank_info["search_rows_by_stage"] = dict(budget.rows_by_stage)
-        rank_info["candidates_evaluated"] = len(srch.evaluated)
+        rank_info["candidates_evaluated"] = sum(1 for k in srch.evaluated if len(k) == 1)
+        rank_info.setdefault("candidates_resolved", rank_info["candidates_evaluated"])
+        rank_info["group_tests"] = srch.group_tests
         res = _evidence(bundle, handle, inc, fix, budget, n_controls=n_controls, seed=seed, evidence=evidence,
                         progress=(lambda k, what: prog(3 + k, what)), trace=trace, ranking=rank_info)
         step("done", res.fixed_metric, len(fix))
@@ -1312,88 +1336,115 @@ def _skey(s: Sequence[Intervention]) -> tuple:
 
 
 class _Chooser:
-    """Collects sets that fix the incident teacher-forced and finds the most *specific* confirmed one.
+    """Collects sets that fix the incident teacher-forced and finds the most *specific* confirmed one, checking as
+    little as that needs.
 
     Key, smallest first: benign reference outputs changed, not sufficient on the counterpart, component rank,
-    metric. The checks (generation, counterpart, benign reference prompts) run lazily, a few sets at a time in order
-    of (component rank, metric): once a confirmed set changes no benign reference output and is sufficient, no set
-    later in that order can beat it, and those are not checked."""
+    metric. Every check is lazy and exact: a set's key starts as a lower bound (generation assumed to confirm the
+    fix, sufficiency assumed, 0 reference outputs changed) and is tightened one step at a time — the generation
+    confirmation, then counterpart sufficiency, then the benign reference prompts in growing blocks (8, 16, 32, …,
+    all of them: a small subsample first, the full set only for a set that is still in the running). The set with
+    the smallest bound is the one tightened next, so the answer is the exact minimum over every set collected, and
+    a set that stops being the minimum is never checked further (``changed_is_lower_bound`` in the table)."""
+
+    FIRST_BLOCK = 8
 
     def __init__(self, inc: _Incident):
         self.inc = inc
         self.rows: dict = {}
 
-    @staticmethod
-    def _perfect(r: dict) -> bool:
-        return bool(r.get("confirmed")) and r["benign_reference_changed"] == 0 and \
-            r["sufficient_on_counterpart"] is not False
+    @property
+    def n_ref(self) -> int:
+        return len(self.inc._benign_items())
 
+    def add(self, fixes: list[tuple[tuple[Intervention, ...], float]]) -> None:
+        for s, m in fixes:
+            k = _skey(s)
+            if k not in self.rows:
+                self.rows[k] = {"set": s, "metric": m, "component_rank": _rank(s), "confirmed": None,
+                                "sufficient_on_counterpart": "?", "benign_reference_changed": 0, "n_run": 0}
+
+    # kept for callers of the earlier eager interface
     def consider(self, fixes: list[tuple[tuple[Intervention, ...], float]]) -> None:
-        inc = self.inc
-        new = [(s, m) for s, m in fixes if _skey(s) not in self.rows]
-        new.sort(key=lambda t: (_rank(t[0]), t[1]))
-        b0, size = 0, 1
-        while b0 < len(new):
-            batch = new[b0:b0 + size]
-            best = self.best()
-            if best is not None and self._perfect(best) and \
-                    (best["component_rank"], best["metric"]) <= (_rank(batch[0][0]), batch[0][1]):
-                for s, m in new[b0:]:
-                    self.rows[_skey(s)] = {"set": s, "metric": m, "component_rank": _rank(s), "confirmed": None}
-                return
-            sets = [InterventionSet(s) for s, _ in batch]
-            ok, _ = inc.fixed(sets, [_TF(m, m > 0) for _, m in batch])
-            conf = [t for t, v in zip(batch, ok) if v]
-            suff = inc.pair_sufficient([s for s, _ in conf]) if conf else []
-            # a set changing more benign outputs than the best so far can never be chosen: stop counting it there
-            # (but count up to the "clean" bar while no clean set is known, so that one can be recognised)
-            limit = None
-            if best is not None:
-                limit = best["benign_reference_changed"]
-                if not self.clean():
-                    limit = max(limit, int(TARGETS["side_effect_rate"] * len(inc._benign_items())))
-            changed, cut = inc.benign_changed([s for s, _ in conf], limit) if conf else ([], [])
-            cm = {_skey(s): (su, c, k) for (s, _), su, c, k in zip(conf, suff, changed, cut)}
-            for s, m in batch:
-                k = _skey(s)
-                r = {"set": s, "metric": m, "component_rank": _rank(s), "confirmed": k in cm}
-                if k in cm:
-                    r["sufficient_on_counterpart"], r["benign_reference_changed"], r["changed_is_lower_bound"] = cm[k]
-                self.rows[k] = r
-            b0 += size
-            size = min(4, size * 2)
+        self.add(fixes)
+        self.clean()
 
-    @staticmethod
-    def _order(r: dict):
-        return (r["benign_reference_changed"], 0 if r["sufficient_on_counterpart"] is not False else 1,
-                r["component_rank"], r["metric"])
+    def _done(self, r: dict) -> bool:
+        return r["confirmed"] is True and r["sufficient_on_counterpart"] != "?" and r["n_run"] >= self.n_ref
+
+    def _bound(self, r: dict):
+        su = r["sufficient_on_counterpart"]
+        return (r["benign_reference_changed"], 1 if su is False else 0, r["component_rank"], r["metric"])
+
+    def _tighten(self, r: dict) -> None:
+        """One exact check of ``r``: generation confirmation, else sufficiency, else the next block of reference
+        prompts."""
+        inc = self.inc
+        if r["confirmed"] is None:
+            ok, _ = inc.fixed([InterventionSet(r["set"])], [_TF(r["metric"], r["metric"] > 0)])
+            r["confirmed"] = bool(ok[0])
+        elif r["sufficient_on_counterpart"] == "?":
+            r["sufficient_on_counterpart"] = inc.pair_sufficient([r["set"]])[0]
+        else:
+            a = r["n_run"]
+            b = self.n_ref if a >= self.n_ref // 2 else min(self.n_ref, max(self.FIRST_BLOCK, 2 * a))
+            r["benign_reference_changed"] += inc.benign_block([r["set"]], a, b)[0]
+            r["n_run"] = b
+
+    def _live(self):
+        return [r for r in self.rows.values() if r["confirmed"] is not False]
 
     def best(self) -> dict | None:
-        conf = [r for r in self.rows.values() if r.get("confirmed")]
-        return min(conf, key=self._order) if conf else None
+        """The exact most specific confirmed set collected so far (tightening bounds until the smallest is exact)."""
+        while True:
+            live = self._live()
+            if not live:
+                return None
+            r = min(live, key=self._bound)
+            if self._done(r):
+                return r
+            self._tighten(r)
+
+    def is_clean(self, r: dict) -> bool:
+        return self._done(r) and r["sufficient_on_counterpart"] is not False and \
+            r["benign_reference_changed"] <= TARGETS["side_effect_rate"] * self.n_ref
 
     def clean(self) -> bool:
         """Whether a confirmed set exists that is sufficient (or there is no counterpart) and changes at most the
-        side-effect target's share of the benign reference outputs."""
-        n_ref = len(self.inc._benign_items())
-        return any(r.get("confirmed") and r["sufficient_on_counterpart"] is not False and
-                   not r.get("changed_is_lower_bound") and
-                   r["benign_reference_changed"] <= TARGETS["side_effect_rate"] * n_ref for r in self.rows.values())
+        side-effect target's share of the benign reference outputs. The exact best set is found first (often it is
+        the clean one); otherwise the sets that can still be clean are checked in order of (component rank,
+        metric) until one is."""
+        b = self.best()
+        if b is None:
+            return False
+        if self.is_clean(b):
+            return True
+        bar = TARGETS["side_effect_rate"] * self.n_ref
+        while True:
+            live = [r for r in self._live() if r["sufficient_on_counterpart"] is not False and
+                    r["benign_reference_changed"] <= bar]
+            if not live:
+                return False
+            if any(self._done(r) for r in live):
+                return True
+            self._tighten(min(live, key=lambda r: (r["component_rank"], r["metric"], r["benign_reference_changed"])))
 
     def table(self) -> list[dict]:
         n_ref = len(self.inc._benign) if self.inc._benign is not None else None
-        conf = sorted((r for r in self.rows.values() if r.get("confirmed")), key=self._order)
-        rest = sorted((r for r in self.rows.values() if not r.get("confirmed")),
+        conf = sorted((r for r in self.rows.values() if r["confirmed"]), key=self._bound)
+        rest = sorted((r for r in self.rows.values() if not r["confirmed"]),
                       key=lambda r: (r["confirmed"] is None, r["component_rank"], r["metric"]))
         out = []
         for r in conf + rest:
             d = {"set": [iv.describe() for iv in r["set"]], "metric": r["metric"],
                  "component_rank": r["component_rank"],
-                 "confirmed": r["confirmed"]}  # None: not checked (a set that cannot be beaten came first)
-            if r.get("confirmed"):
+                 "confirmed": r["confirmed"]}  # None: never checked (it could not beat the chosen set)
+            if r["confirmed"]:
+                su = r["sufficient_on_counterpart"]
                 d.update(benign_reference_changed=r["benign_reference_changed"], n_benign_reference=n_ref,
-                         sufficient_on_counterpart=r["sufficient_on_counterpart"],
-                         changed_is_lower_bound=r.get("changed_is_lower_bound", False))
+                         n_benign_reference_run=r["n_run"], sufficient_on_counterpart=None if su == "?" else su,
+                         sufficiency_checked=su != "?",
+                         changed_is_lower_bound=r["n_run"] < (n_ref or 0))
             out.append(d)
         return out
 
@@ -1402,81 +1453,183 @@ class _Search:
     """The exact search for fixing sets (see the module docstring, step 4)."""
 
     def __init__(self, inc: _Incident, cands, prior, ranking, top_m, chooser: _Chooser, budget, state, step,
-                 info: dict):
+                 info: dict, cf=None):
         self.inc, self.cands, self.prior, self.ranking, self.top_m = inc, cands, prior, ranking, top_m
         self.chooser, self.budget, self.state, self.step, self.info = chooser, budget, state, step, info
-        self.evaluated: dict = {}  # key of set -> (set, metric)
+        self.cf = cf
+        self.evaluated: dict = {}  # key of set -> (set, metric): sets evaluated on their own
+        self.eliminated: set = set()  # keys of single sites cleared by a group test that did not fix
+        self.group_tests = 0  # rows that evaluated a union of several candidate sites
+        self.combinations: list = []  # groups that fixed although neither half did (sites that act together)
         self.rounds: list[dict] = []
         self.dec = inc.n_prompt - 1 if inc.causal else 0
         self.hot: list[int] = []
-        self._pending: list = []  # fixing sets screened but not yet checked
+        self._pending: list = []  # fixing sets screened but not yet handed to the chooser
 
     def _score(self, base: Sequence[Intervention], pool: list[Intervention]):
         est = self.inc.attribution(base, pool)
         w = np.array([self.prior.get((c.layer, c.component), 0.0) for c in pool])
         return est * (1.0 + w), est
 
+    def _record(self, sets, tf) -> None:
+        for s, r in zip(sets, tf):
+            self.evaluated[_skey(s)] = (s, r.metric)
+            if self.inc.fixed_tf(r):
+                self._pending.append((s, r.metric))
+        best = min(self.evaluated.values(), key=lambda t: t[1])
+        if not self.state["best"] or best[1] < self.state["best_metric"]:
+            self.state["best"], self.state["best_metric"] = best
+
     def _round(self, name: str, sets: list[tuple[Intervention, ...]], check: bool = True) -> None:
-        """Evaluate ``sets`` exactly; the ones that fix teacher-forced wait for the checks (run now when ``check``)."""
+        """Evaluate ``sets`` exactly, each on its own; the ones that fix teacher-forced go to the chooser (whose
+        checks run now when ``check``)."""
         sets = [s for s in sets if _skey(s) not in self.evaluated]
         if sets:
             self.budget.stage = "search"
-            tf = self.inc.evaluate_tf([InterventionSet(s) for s in sets])
-            for s, r in zip(sets, tf):
-                self.evaluated[_skey(s)] = (s, r.metric)
-            best = min(self.evaluated.values(), key=lambda t: t[1])
-            if not self.state["best"] or best[1] < self.state["best_metric"]:
-                self.state["best"], self.state["best_metric"] = best
-            fixing = [(s, r.metric) for s, r in zip(sets, tf) if self.inc.fixed_tf(r)]
-            self._pending.extend(fixing)
+            n0 = len(self._pending)
+            self._record(sets, self.inc.evaluate_tf([InterventionSet(s) for s in sets]))
             self.step("search", self.state["best_metric"], len(sets[0]))
-            self.rounds.append({"round": name, "evaluated": len(sets), "fixing_teacher_forced": len(fixing),
-                                "passes": self.budget.passes, "rows": self.budget.rows})
-        if check and self._pending:
-            self.budget.stage = "select"
-            self.chooser.consider(self._pending)
+            self.rounds.append({"round": name, "evaluated": len(sets), "group_tests": 0, "sites": len(sets),
+                                "fixing_teacher_forced": len(self._pending) - n0, "passes": self.budget.passes,
+                                "rows": self.budget.rows})
+        if check:
+            self._check()
+
+    def _check(self) -> bool:
+        if self._pending:
+            self.chooser.add(self._pending)
             self._pending = []
-            self.budget.stage = "search"
+        self.budget.stage = "select"
+        ok = self.chooser.clean()
+        self.budget.stage = "search"
+        if self.rounds:
             self.rounds[-1]["checked_through_passes"] = self.budget.passes
+            self.rounds[-1]["checked_through_rows"] = self.budget.rows
+        return ok
+
+    def group_test(self, name: str, members: list[tuple[Intervention, ...]]) -> None:
+        """Adaptive group testing over single sites ``members`` (in the order given): the union of a group is
+        evaluated as one set (one row); a group that does not fix clears all its sites at once; one that fixes is
+        split in halves, both evaluated, down to groups of at most 4 whose sites are evaluated one by one — so every
+        site reported as fixing was evaluated on its own. A group that fixes while neither half does holds sites
+        that act only together; it is kept in ``combinations``. Each level of the bisection is one batch."""
+        members = [m for m in members if _skey(m) not in self.evaluated and _skey(m) not in self.eliminated]
+        if not members:
+            return
+        self.budget.stage = "search"
+        n0, r0, e0 = len(self._pending), self.budget.rows, len(self.evaluated)
+        tests = 0
+        level: list[tuple[list, int | None]] = [(members, None)]  # (group, index of its parent in `parents`)
+        parents: list[dict] = []
+        while level:
+            sets = [tuple(iv for m in g for iv in m) for g, _ in level]
+            tf = self.inc.evaluate_tf([InterventionSet(s) for s in sets])
+            nxt: list[tuple[list, int | None]] = []
+            singles = [(g[0], r) for (g, _), r in zip(level, tf) if len(g) == 1]
+            if singles:
+                self._record([m for m, _ in singles], [r for _, r in singles])
+            for (g, par), r in zip(level, tf):
+                fixes = self.inc.fixed_tf(r)
+                if par is not None and fixes:
+                    parents[par]["child_fixed"] = True
+                if len(g) == 1:
+                    continue
+                tests += 1
+                if not fixes:
+                    self.eliminated.update(_skey(m) for m in g)
+                    continue
+                parents.append({"group": g, "child_fixed": False})
+                me = len(parents) - 1
+                if len(g) <= 4:
+                    nxt.extend(([m], me) for m in g)
+                else:
+                    h = len(g) // 2
+                    nxt.extend([(g[:h], me), (g[h:], me)])
+            level = nxt
+        for p in parents:
+            if not p["child_fixed"]:
+                self.combinations.append([iv.describe() for m in p["group"] for iv in m])
+        self.group_tests += tests
+        self.step("search", self.state["best_metric"], 1)
+        self.rounds.append({"round": name, "sites": len(members), "group_tests": tests,
+                            "evaluated": len(self.evaluated) - e0, "fixing_teacher_forced": len(self._pending) - n0,
+                            "rows": self.budget.rows - r0, "passes": self.budget.passes})
+
+    def position_blocks(self, est) -> tuple[list[tuple[str, list[int]]], str]:
+        """Candidate indices grouped by prompt position, in the order the search visits them.
+
+        With CF: ``CFResult.order_candidates`` (most anomalous position first, then the site's own token score;
+        ties in attribution order), one block per position. Without CF: positions by their strongest attribution
+        estimate, sites within a position by attribution. Without a ranking: positions and sites in listed order.
+        A multi-position candidate belongs to the block of its first position in that order."""
+        cands = self.cands
+        n = self.inc.n_prompt
+        base = list(range(len(cands)))
+        if est is not None:
+            score = est * (1.0 + np.array([self.prior.get((c.layer, c.component), 0.0) for c in cands]))
+            base = [int(i) for i in np.argsort(score, kind="stable")]
+        if self.cf is not None and hasattr(self.cf, "order_candidates"):
+            sub = self.cf.order_candidates([cands[i] for i in base])
+            order = [base[j] for j in sub]
+            how = "CF position anomaly (CFResult.order_candidates), attribution within ties"
+        else:
+            order = base
+            how = "attribution estimate" if est is not None else "listed order"
+        pos_rank: dict[int, int] = {}
+        for multi in (False, True):  # a position's rank: where its first single-position site comes in the order
+            for i in order:
+                ps = range(n) if cands[i].positions == "all" else cands[i].positions
+                if (len(ps) > 1) == multi:
+                    for p in ps:
+                        pos_rank.setdefault(int(p), len(pos_rank))
+        blocks: dict[int, list[int]] = {}
+        for i in order:
+            ps = range(n) if cands[i].positions == "all" else cands[i].positions
+            p = min(ps, key=lambda q: pos_rank.get(int(q), n))
+            blocks.setdefault(int(p), []).append(i)
+        return [(f"position {p}", blocks[p]) for p in sorted(blocks, key=lambda q: pos_rank.get(q, n))], how
 
     def size1(self) -> None:
-        """Single sites: rounds (a) and (b) are screened before any set is checked (screening is cheap, the checks
-        are not, and they run in order of specificity over everything screened so far); then (c) and (d) round by
-        round, each followed by the checks, until a clean set is known."""
+        """Single sites. (1) Token ablations: ``resid_pre`` of block 0 at every prompt position, each on its own
+        (which input tokens carry the failure). (2) The rest, one prompt position at a time in the order of
+        :meth:`position_blocks` (CF's position anomaly by default), each block screened by adaptive group testing
+        (:meth:`group_test`). The chooser's checks run after the first position block and after every later one;
+        the search stops after the first block that leaves a *clean* fix."""
         inc, cands = self.inc, self.cands
         if self.ranking == "exhaustive":
             self._round("every candidate", [(c,) for c in cands])
             return
-        order = list(range(len(cands)))
         est = None
         if self.ranking == "attribution":
-            score, est = self._score((), cands)
-            order = [int(i) for i in np.argsort(score, kind="stable")]
-        top = [(cands[i],) for i in order[:self.top_m]] if self.ranking == "attribution" else []
-        dec = [(c,) for c in cands if c.positions == (self.dec,)]
-        self._round("decision position" + (f" + top {self.top_m} ranked" if top else ""), dec + top, check=False)
+            _, est = self._score((), cands)
         tok = [(c,) for c in cands if c.layer == 0 and c.component == "resid_pre" and len(c.positions) == 1]
         self._round("token ablations (L0 resid_pre at every position)", tok, check=False)
         drops = sorted((self.evaluated[_skey(s)][1], s[0].positions[0]) for s in tok
                        if s[0].positions[0] != self.dec and _skey(s) in self.evaluated)
         self.hot = [p for m, p in drops if m <= inc.baseline_metric - inc.margin][:3]
-        self._round("", [])  # check what (a) and (b) found
-        if self.hot and not self.chooser.clean():
-            self._round(f"hot positions {self.hot}", [(c,) for c in cands if c.positions != "all" and
-                                                      len(c.positions) == 1 and c.positions[0] in self.hot])
-        k = self.top_m
-        while not self.chooser.clean():
-            rest = [(cands[i],) for i in order if _skey((cands[i],)) not in self.evaluated]
-            if not rest:
+        blocks, how = self.position_blocks(est)
+        self.info["order"] = how
+        self.info["position_order"] = [name for name, _ in blocks]
+        for name, idx in blocks:
+            self.group_test(f"{name} ({len(idx)} sites, group-tested)", [(cands[i],) for i in idx])
+            if self._check():
                 break
-            self._round(f"next {min(k, len(rest))} " + ("ranked" if est is not None else "listed"), rest[:k])
-            k *= 2
+        self.info["group_tests"] = self.group_tests
+        self.info["combinations"] = self.combinations[:20]
+        self.info["candidates_resolved"] = len({k for k in self.evaluated if len(k) == 1} | self.eliminated)
         if est is not None:
             ex = [(float(est[i]), self.evaluated[_skey((c,))][1] - inc.baseline_metric)
                   for i, c in enumerate(cands) if _skey((c,)) in self.evaluated]
             self.info["spearman_vs_exact"] = stats.spearman([a for a, _ in ex], [b for _, b in ex])
             self.info["spearman_n"] = len(ex)
-            self.info["spearman_scope"] = "every single site evaluated exactly during the search"
+            self.info["spearman_scope"] = "every single site evaluated on its own during the search"
+
+    def singles_for_beam(self) -> None:
+        """Before sets of two: every single site not yet evaluated on its own (group tests cleared it), so that the
+        beam starts from exact single-site metrics."""
+        rest = [(c,) for c in self.cands if _skey((c,)) not in self.evaluated]
+        if rest:
+            self._round("remaining single sites (exact metrics for the beam)", rest, check=False)
 
     def best_singles(self, beam: int) -> list[tuple[tuple[Intervention, ...], float]]:
         """Beam start: the ``beam`` single sites with the lowest metric that do not fix on their own (a superset of

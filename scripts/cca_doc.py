@@ -71,31 +71,34 @@ def results_table(res: dict) -> list[str]:
 
 
 def budget_table(bm: dict) -> list[str]:
-    lines = ["| scenario | candidate sites | sites evaluated (share) | search rows: screening + checks | "
-             "single-site sweep rows | search rows / sweep rows | screening rows / sweep rows | search wall | "
-             "sweep wall |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| scenario | candidate sites | resolved: on their own + by group tests | search rows: screening + "
+             "checks (passes) | (a) raw sweep rows (passes) | (b) sweep + same checks rows (passes) | search / (b) "
+             "rows (judged) | search / (a) rows | search wall | (b) wall |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in bm["scenarios"].items():
-        o, sw, r = s["ours"], s["sweep"], s["ratios"]
-        share = _pct(o["candidates_evaluated"] / s["n_candidates"])
+        o, sw, r, ex = s["ours"], s["sweep"], s["ratios"], s["exhaustive_search"]
         lines.append(
-            f"| `{name}` | {s['n_candidates']} | {o['candidates_evaluated']} ({share}) | "
-            f"{o['screen_rows']} + {o['check_rows']} = {o['rows']} | {sw['rows']} | "
-            f"{_pct(r['rows_vs_sweep'])} | {_pct(r['screen_rows_vs_sweep'])} | {o['seconds']:.2f} s | "
-            f"{sw['seconds']:.2f} s |")
+            f"| `{name}` | {s['n_candidates']} | {o['candidates_evaluated']} + "
+            f"{o['candidates_resolved'] - o['candidates_evaluated']} ({o['group_tests']} group tests) | "
+            f"{o['screen_rows']} + {o['check_rows']} = {o['rows']} ({o['passes']}) | {sw['rows']} ({sw['passes']}) | "
+            f"{ex['screen_rows']} + {ex['check_rows']} = {ex['rows']} ({ex['passes']}) | "
+            f"{_pct(r['rows_vs_exhaustive_search'])} | {_pct(r['rows_vs_sweep'])} | {o['seconds']:.2f} s | "
+            f"{ex['seconds']:.2f} s |")
     return lines
 
 
 def ablation_table(bm: dict) -> list[str]:
-    lines = ["| scenario | with CF + attribution (default) | attribution, no CF | no ranking | exhaustive search | "
-             "same set found by all |", "|---|---|---|---|---|---|"]
+    lines = ["| scenario | with CF (default) | without CF (positions by attribution) | no ranking (listed order) | "
+             "CF cut: all rows / screening rows | same set found by all |", "|---|---|---|---|---|---|"]
     for name, s in bm["scenarios"].items():
         cells = []
-        for key in ("ours", "no_cf", "no_ranking", "exhaustive_search"):
+        for key in ("ours", "no_cf", "no_ranking"):
             x = s[key]
-            cells.append(f"{x['candidates_evaluated']} sites, {x['rows']} rows, {x['seconds']:.2f} s")
+            cells.append(f"{x['screen_rows']} + {x['check_rows']} = {x['rows']} rows, {x['seconds']:.2f} s")
+        r = s["ratios"]
         same = all(s["same_set"].values())
-        lines.append(f"| `{name}` | " + " | ".join(cells) + f" | {'yes' if same else 'no: ' + str(s['same_set'])} |")
+        lines.append(f"| `{name}` | " + " | ".join(cells) + f" | {_pct(r['cf_cut_rows'])} / "
+                     f"{_pct(r['cf_cut_screen_rows'])} | {'yes' if same else 'no: ' + str(s['same_set'])} |")
     return lines
 
 
@@ -126,14 +129,15 @@ def units_table(res_units: dict, res: dict) -> list[str]:
 
 def _cf_sentence(bm: dict) -> str:
     sc = bm["scenarios"]
-    same = [n for n, s in sc.items() if s["no_cf"]["rows"] == s["ours"]["rows"]]
-    less = {n: 1 - s["ours"]["rows"] / s["no_cf"]["rows"] for n, s in sc.items()}
-    if len(same) == len(sc):
-        return ("Without the CF prior the search does exactly the same work on every scenario (next table): the "
-                "exact screening of the decision position and the token ablations finds the sets, not the prior; "
-                "the seeds' \"CF cuts the CCA search by >= 50%\" is not met here.")
-    return ("Rows saved by the CF prior (against the same search without it): " +
-            ", ".join(f"`{n}` {100 * v:.0f}%" for n, v in less.items()) + ".")
+    cut = {n: s["ratios"]["cf_cut_rows"] for n, s in sc.items()}
+    scut = {n: s["ratios"]["cf_cut_screen_rows"] for n, s in sc.items()}
+    met = [n for n, v in cut.items() if v >= 0.5]
+    return ("CF against the same search without it (positions ordered by the attribution estimate): rows cut by " +
+            ", ".join(f"{_pct(v)} on `{n}`" for n, v in cut.items()) + "; screening rows alone by " +
+            ", ".join(f"{_pct(v)}" for v in scut.values()) + f". The seeds' \"CF cuts the CCA search by >= 50%\" is "
+            f"met on {len(met)} of {len(sc)} scenarios" + ("." if len(met) == len(sc) else
+            ": on these incidents the attribution estimate puts the same position first as CF's position anomaly, "
+            "and most rows are the checks of the chosen set, which no ordering removes."))
 
 
 def _resid_example(res: dict) -> str:
@@ -192,33 +196,44 @@ def render(bm: dict, res: dict, res_units: dict) -> str:
     w("**Ranking.** Attribution patching: one forward and one backward pass with a zero tensor added at every "
       "site give `grad · (replacement − activation)` per candidate (the gradient of a soft minimum of the margins "
       "for generation incidents), multiplied by `1 + w` with `w` the CF prior of the candidate's layer and "
-      "component. It only *orders* exact evaluations — its agreement with the exact effects is measured below and is "
-      "weak on these models.")
+      "component. With CF it breaks ties in CF's order; without CF it orders the positions and sites itself; it "
+      "only ever *orders* exact evaluations — its agreement with the exact effects is measured below and is weak on "
+      "these models.")
     w("")
     w("**Screening** (exact; every candidate set is a batch row of a real replay that starts from the recorded "
-      "residual stream of the lowest intervened block and runs the shared prompt prefix once). Single sites come in "
-      "rounds, stopping after the first round that yields a *clean* fix:")
+      "residual stream of the lowest intervened block and runs the shared prompt prefix once):")
     w("")
-    w("1. every component at the *decision position* (the last prompt token of a causal LM, the first token of an "
-      "encoder), plus the `top_m` = 8 best-ranked sites;")
-    w("2. token ablations: `resid_pre` of block 0 at every prompt position (which input tokens carry the failure);")
-    w("3. every component at the (at most 3) positions whose token ablation moved the metric by at least one logit;")
-    w("4. the remaining sites in ranked order, 8, 16, 32, … per round.")
+    w("1. token ablations: `resid_pre` of block 0 at every prompt position, each on its own (which input tokens "
+      "carry the failure);")
+    w("2. the other sites one prompt position at a time. With CF (the default) the positions come in the order of "
+      "CF's position anomaly and the sites of a position in the order `CFResult.order_candidates` gives them (ties in "
+      "attribution order); without CF positions are ordered by their strongest attribution estimate. Each position's "
+      "block is screened by **adaptive group testing**: the union of the block's sites is one set (one row); a union "
+      "that does not fix clears all of them at once; one that fixes is split in halves, both evaluated, down to groups "
+      "of at most 4 whose sites are evaluated on their own — so every site called fixing was evaluated alone, and no "
+      "set's effect is ever inferred from other sets. A group that fixes while neither half does (sites acting only "
+      "together) is listed in `ranking.combinations`.")
     w("")
-    w("Without a clean single site, sets of 2, 3, … (`--max-size`, default 4) are grown by greedy / beam search "
-      "(`--beam`): the best non-fixing sets, each extended by its 8 best-ranked sites and the decision / hot-position "
-      "sites, all extensions evaluated exactly.")
+    w("The checks (below) run after the first position block and after every later one; the search stops after the "
+      "first block that leaves a *clean* fix. Without a clean single site, every single site not yet evaluated on its "
+      "own is evaluated (exact metrics for the beam), then sets of 2, 3, … (`--max-size`, default 4) are grown by "
+      "greedy / beam search (`--beam`): the best non-fixing sets, each extended by its 8 best-ranked sites and the "
+      "decision / hot-position sites, all extensions evaluated exactly.")
     w("")
     w("**Choice among fixing sets: the most specific one.** Ordered by (1) how many of the bundle's benign *reference* "
-      "prompts (the mean-ablation data; the held-out benign prompts are never looked at) change output under the set "
-      "— a set that changes more than the best so far stops being counted there; (2) whether it is *sufficient* on "
-      "the incident's counterpart (the failing run's activations at the set's sites, written into the benign "
-      "counterpart, re-create the failure); (3) component: a head / neuron before an attention / MLP output before the "
-      "residual stream (which carries everything written before it); (4) lower metric. *Clean* = sufficient (or no "
-      "counterpart) and changing at most "
-      f"{TARGETS['side_effect_rate']:.0%} of the reference outputs. The checks run lazily in order of (3, 4) and stop "
-      "at a set that changes nothing and is sufficient, since nothing later in that order can beat it. The result's "
-      "`ranking.selection` lists every set considered with these numbers.")
+      "prompts (the mean-ablation data; the held-out benign prompts are never looked at) change output under the set; "
+      "(2) whether it is *sufficient* on the incident's counterpart (the failing run's activations at the set's "
+      "sites, written into the benign counterpart, re-create the failure); (3) component: a head / neuron before an "
+      "attention / MLP output before the residual stream (which carries everything written before it); (4) lower "
+      "metric. *Clean* = sufficient (or no counterpart) and changing at most "
+      f"{TARGETS['side_effect_rate']:.0%} of the reference outputs. The checks are lazy and exact: each set's key "
+      "starts as a lower bound (the fix confirmed by generation, sufficient, nothing changed) and the set with the "
+      "smallest bound is tightened one step at a time — generation, then sufficiency, then the reference prompts in "
+      "blocks of 8, 16, 32, … (a small subsample first; all of them only for a set still in the running). So the "
+      "chosen set is the exact minimum over every fixing set found, and a set that stops being the minimum is not "
+      "checked further. When that minimum is not clean, the sets that can still be clean are tightened in order of "
+      "(3, 4) until one is. The result's `ranking.selection` lists every set considered with these numbers "
+      "(`n_benign_reference_run`: prompts it was run on; `changed_is_lower_bound` when that is not all).")
     w("")
     w("**Pruning and refinement.** Elements are dropped while the rest still fixes (→ 1-minimal), a multi-position "
       "element is shrunk to the smallest fixing subset of its positions, and with `--units` an attention / MLP "
@@ -295,27 +310,31 @@ def render(bm: dict, res: dict, res_units: dict) -> str:
         w("")
     w("## Search budget (`benchmarks/cca.py`)")
     w("")
-    w("Search to the final set (`evidence=False`) against an exhaustive single-site sweep (every candidate site "
-      "evaluated exactly once, teacher-forced, 64 rows per forward). *Screening* = candidate sets evaluated on the "
-      "incident; *checks* = generation confirmation, counterpart sufficiency and benign reference outputs of the sets "
-      "that fix, pruning, refinement. A *row* is one sequence through the model once (a batch row of a forward, or "
-      "of one generation step); batched forward calls (passes) are no fair unit here, since the sweep packs 64 sites "
-      "into each. Target: ≤ 10% of the sweep.")
+    w("Search to the final set (`evidence=False`, defaults) against two baselines: **(a)** the raw exhaustive "
+      "single-site sweep (every candidate site evaluated once on the incident, teacher-forced, 64 rows per forward; "
+      "it checks nothing, so it does not reach a chosen set), and **(b)** the same sweep followed by the *same* lazy "
+      "checks on the fixing sites it found (`ranking=\"exhaustive\"`) — the cheapest way a sweep reaches the same "
+      "kind of answer, and the one the ≤ 10% target is judged against, since both sides then end in the same checked, "
+      "most specific, 1-minimal set. *Screening* = candidate sets evaluated on the incident; *checks* = generation "
+      "confirmation, counterpart sufficiency, the reference prompts' own outputs and their outputs under the sets "
+      "checked, pruning, refinement. A *row* is one sequence through the model once (a batch row of a forward, or of "
+      "one generation step): the sequential-forward equivalent; passes (batched forward calls) are printed too but "
+      "favour the sweep, which packs 64 sites into each.")
     w("")
     L.extend(budget_table(bm))
     w("")
-    met = [n for n, s in bm["scenarios"].items() if s["ratios"]["rows_vs_sweep"] <= 0.10]
-    scr = [n for n, s in bm["scenarios"].items() if s["ours"]["candidates_evaluated"] <= 0.10 * s["n_candidates"]]
-    w(f"Against the sweep's rows the target is met on {len(met)} of {len(bm['scenarios'])} scenarios: the specificity "
-      "checks cost on the order of the benign reference set (84–120 prompts) per set checked, while the sweep itself "
-      "is a handful of batched teacher-forced forwards on these small models and checks nothing. Counting candidate "
-      f"sites evaluated exactly, the search stays within 10% of the sweep on {len(scr)} of "
-      f"{len(bm['scenarios'])} scenarios ({', '.join(f'`{n}`' for n in scr) or 'none'}). The screening grows with "
-      "layers + positions, the sweep with layers × positions. "
-      + _cf_sentence(bm))
+    met = [n for n, s in bm["scenarios"].items() if s["ratios"]["rows_vs_exhaustive_search"] <= 0.10]
+    met_a = [n for n, s in bm["scenarios"].items() if s["ratios"]["rows_vs_sweep"] <= 0.10]
+    gap = {n: s["ratios"]["rows_vs_exhaustive_search"] for n, s in bm["scenarios"].items()}
+    w(f"The ≤ 10% target is met against (b) on {len(met)} of {len(bm['scenarios'])} scenarios and against (a) on "
+      f"{len(met_a)} of {len(bm['scenarios'])}" + ("." if len(met) == len(bm["scenarios"]) else
+      " (search / (b): " + ", ".join(f"`{n}` {_pct(v)}" for n, v in gap.items()) + "). Both sides pay the same floor: "
+      "the chosen set is run on every benign reference prompt (84–120) and, for generation incidents, each of those "
+      "prompts' own output is confirmed once — about 2 × 84–120 rows, more than 10% of (b) by itself. What the search "
+      "saves is the screening (group tests clear whole positions in one row) and the checks of sets that cannot win.")
+      + " " + _cf_sentence(bm))
     w("")
-    w("The same search without the CF prior, without any ranking (rounds 1–4 with the remaining sites in listed "
-      "order), and as an exhaustive search (every site in one round, then the same checks):")
+    w("The same search without CF, without any ranking, and the CF cut (1 − rows with CF / rows without):")
     w("")
     L.extend(ablation_table(bm))
     w("")
@@ -324,8 +343,8 @@ def render(bm: dict, res: dict, res_units: dict) -> str:
     L.extend(ranking_table(bm))
     w("")
     w("Sites whose mean-ablation has a large nonlinear effect rank near the bottom of the linear estimate although "
-      "they fix (the ranks in the last column); that is why the screening evaluates the decision position and the "
-      "token ablations exactly instead of trusting the ranking.")
+      "they fix (the ranks in the last column); that is why the ranking only orders the positions and sites that "
+      "are then evaluated exactly (token ablations, group tests), never replaces an evaluation.")
     w("")
     w("## Optional refinement to heads / neurons (`--units`)")
     w("")

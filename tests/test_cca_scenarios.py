@@ -193,3 +193,18 @@ def test_units_refine_the_demo_attention_to_heads(bundles, cli_results, tmp_path
     assert d["flip_rate"] >= 0.8 and d["p_value"] < 0.01
     (note,) = d["ranking"]["unit_refinement"]
     assert note["refined_metric"] <= 0.5 * note["whole_metric"]   # kept at least half the whole element's effect
+
+
+def test_group_tests_clear_sites_and_every_fixing_set_was_evaluated_alone(cli_results):
+    """The default search screens positions by group testing in CF's order: some sites are cleared by a union that
+    does not fix (never evaluated alone), and every set in the selection table carries its own measured metric."""
+    for name in EXPECTED:
+        rk = cli_results[name][1]["ranking"]
+        assert rk["group_tests"] > 0, name
+        assert rk["candidates_evaluated"] <= rk["candidates_resolved"] <= rk["n_candidates"]
+        assert rk["order"].startswith("CF position anomaly"), rk["order"]
+        sel = rk["selection"]
+        assert all(len(r["set"]) == 1 and r["metric"] <= -1.0 for r in sel), name
+        chosen = sel[0]
+        assert chosen["confirmed"] and not chosen["changed_is_lower_bound"]
+        assert chosen["n_benign_reference_run"] == chosen["n_benign_reference"]

@@ -133,8 +133,12 @@ def cmd_cca(args) -> int:
     rk = d["ranking"]
     if "candidates_evaluated" in rk:
         sp = rk.get("spearman_vs_exact")
+        gt = rk.get("group_tests")
+        cleared = int(rk.get("candidates_resolved", rk["candidates_evaluated"])) - int(rk["candidates_evaluated"])
         print(f"  search: {rk['candidates_evaluated']} of {rk.get('n_candidates', '?')} candidate sites evaluated "
-              f"exactly in {len(rk.get('rounds', []))} round(s); attribution vs exact Spearman "
+              f"exactly on their own" + (f", {cleared} more cleared by {gt} group tests" if gt else "") +
+              f", in {len(rk.get('rounds', []))} round(s)" +
+              (f" (order: {rk['order']})" if rk.get("order") else "") + "; attribution vs exact Spearman "
               f"{'n/a' if sp is None else f'{sp:.2f}'}")
     print(f"  budget: {res.forward_passes} forward passes ({res.rows} rows), {res.seconds:.1f} s; search alone "
           f"{rk.get('search_passes', '?')} passes ({rk.get('search_rows', '?')} rows), "
