@@ -143,15 +143,18 @@ def _cf_sentence(bm: dict) -> str:
 def _resid_example(res: dict) -> str:
     """A measured example from the selection tables: a residual-stream set and the benign reference outputs it
     changed (exact counts only)."""
-    rows = [(r["benign_reference_changed"] / r["n_benign_reference"], name, r) for name, (_, _, d) in res.items()
+    rows = [(r["benign_reference_changed"] / max(1, r.get("n_benign_reference_run", r["n_benign_reference"])), name, r)
+            for name, (_, _, d) in res.items()
             for r in d["ranking"].get("selection", [])
             if r.get("confirmed") and r.get("n_benign_reference") and all(".resid" in s for s in r["set"])]
     if not rows:
         return "no residual-stream set was checked in this run"
     _, name, r = max(rows, key=lambda t: t[0])
-    bound = "at least " if r.get("changed_is_lower_bound") else ""
-    return (f"the most in this run: on `{name}`, `{', '.join(r['set'])}` fixes the incident and changes {bound}"
-            f"{r['benign_reference_changed']} of {r['n_benign_reference']} benign reference outputs")
+    n_run = r.get("n_benign_reference_run", r["n_benign_reference"])
+    of = (f"of the {n_run} (of {r['n_benign_reference']}) benign reference prompts it was run on before the lazy "
+          "checks cut it" if n_run < r["n_benign_reference"] else f"of {r['n_benign_reference']} benign reference outputs")
+    return (f"the highest share in this run: on `{name}`, `{', '.join(r['set'])}` fixes the incident and changes "
+            f"{r['benign_reference_changed']} {of}")
 
 
 def render(bm: dict, res: dict, res_units: dict) -> str:
@@ -329,8 +332,12 @@ def render(bm: dict, res: dict, res_units: dict) -> str:
     w(f"The ≤ 10% target is met against (b) on {len(met)} of {len(bm['scenarios'])} scenarios and against (a) on "
       f"{len(met_a)} of {len(bm['scenarios'])}" + ("." if len(met) == len(bm["scenarios"]) else
       " (search / (b): " + ", ".join(f"`{n}` {_pct(v)}" for n, v in gap.items()) + "). Both sides pay the same floor: "
-      "the chosen set is run on every benign reference prompt (84–120) and, for generation incidents, each of those "
-      "prompts' own output is confirmed once — about 2 × 84–120 rows, more than 10% of (b) by itself. What the search "
+      "the chosen set is run on every benign reference prompt (" + ", ".join(
+          f"{s['ours']['n_benign_reference']} on `{n}`" for n, s in bm["scenarios"].items()) + ") and, for "
+      "generation incidents, each of those prompts' own output is confirmed once more (as many rows again); the "
+      "chosen set's rows alone are " + ", ".join(
+          f"{_pct(s['ours']['n_benign_reference'] / s['exhaustive_search']['rows'])}"
+          for s in bm["scenarios"].values()) + " of (b). What the search "
       "saves is the screening (group tests clear whole positions in one row) and the checks of sets that cannot win.")
       + " " + _cf_sentence(bm))
     w("")
