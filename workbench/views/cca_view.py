@@ -84,9 +84,9 @@ def fill_fix_set_table(table: QTableWidget, result, first_col: int = 0) -> None:
                 it.setToolTip("removing this element makes the incident fail again" if el.drop_one_failing else
                               "the incident stays fixed without this element")
             if c == 5:
-                it.setToolTip("failure metric of the incident with this element removed from the set")
+                it.setToolTip("search metric (logit margin; > 0 = fails) of the incident with this element removed from the set")
             if c == 7:
-                it.setToolTip("failure metric of the incident with this element alone")
+                it.setToolTip("search metric (logit margin; > 0 = fails) of the incident with this element alone")
             table.setItem(r, first_col + c, it)
 
 
@@ -118,8 +118,9 @@ def summary_lines(result) -> list[str]:
     if result.partial:
         lines.append("PARTIAL result (the run was cancelled): the evidence below is incomplete.")
     lines.append(f"Fix set: {len(result.fix_set)} element(s); incident "
-                 f"{'FLIPPED (no longer fails)' if result.flipped else 'still fails'}; failure metric "
-                 f"{_fmt(result.baseline_metric)} \u2192 {_fmt(result.fixed_metric)}")
+                 f"{'FLIPPED (no longer fails)' if result.flipped else 'still fails'}; search metric "
+                 f"{_fmt(result.baseline_metric)} \u2192 {_fmt(result.fixed_metric)} "
+                 f"(logit margin of the failing outcome; > 0 = fails)")
     lo, hi = result.flip_rate_ci
     if result.n_variants:
         lines.append(f"Flip rate over {result.n_variants} held-out failing variants: {_pct(result.flip_rate)} "
@@ -224,9 +225,11 @@ class CCAView(QWidget):
 
         # --- live plot of the search
         self.trace_plot = pg.PlotWidget()
-        _styled_plot(self.trace_plot, "best failure metric", "forward passes")
+        _styled_plot(self.trace_plot, "best search metric", "forward passes")
         self.trace_plot.setMinimumHeight(160)
-        self.trace_plot.getPlotItem().setTitle("search trace", color=(30, 30, 30))
+        self.trace_plot.getPlotItem().setTitle(
+            "search trace \u2014 search metric: logit margin of the failing outcome (> 0 = fails)",
+            color=(30, 30, 30), size="10pt")
         self.trace_curve = pg.PlotDataItem(pen=pg.mkPen((0, 114, 178), width=2), symbol="o", symbolSize=6,
                                            symbolBrush=(0, 114, 178))
         self.trace_plot.addItem(self.trace_curve)
