@@ -631,6 +631,21 @@ def _generate_rows(handle: ModelHandle, rows: Sequence[tuple], spec, max_new_tok
     return res  # type: ignore[return-value]
 
 
+def _take_greedy(last: torch.Tensor, new: list[list[int]], done: torch.Tensor, eos) -> torch.Tensor:
+    """One greedy step for every row: append the argmax of ``last`` ``[rows, V]`` to ``new``, or mark the row done at
+    EOS (rows already done are left alone). Returns the argmax ids ``[rows]``."""
+    nxt = last.argmax(-1)
+    for r in range(len(new)):
+        if done[r]:
+            continue
+        t = int(nxt[r])
+        if eos is not None and t == eos:
+            done[r] = True
+        else:
+            new[r].append(t)
+    return nxt
+
+
 def _generate_full(handle: ModelHandle, ids: torch.Tensor, sets, src, max_new_tokens: int, eos, budget):
     """Greedy generation with a full forward per step (sets with ``positions="all"`` cover new tokens too)."""
     cur = ids.clone()
@@ -645,15 +660,7 @@ def _generate_full(handle: ModelHandle, ids: torch.Tensor, sets, src, max_new_to
         last = logits[:, -1].float()
         if first is None:
             first = torch.log_softmax(last, -1)
-        nxt = last.argmax(-1)
-        for r in range(rows):
-            if done[r]:
-                continue
-            t = int(nxt[r])
-            if eos is not None and t == eos:
-                done[r] = True
-            else:
-                new[r].append(t)
+        nxt = _take_greedy(last, new, done, eos)
         if bool(done.all()):
             break
         fill = torch.where(done, torch.full_like(nxt, eos if eos is not None else 0), nxt)
@@ -691,15 +698,7 @@ def _generate_cached(handle: ModelHandle, ids: torch.Tensor, sets: Sequence[Inte
     new: list[list[int]] = [[] for _ in range(rows)]
     n_total = ids.shape[1]
     for step in range(max_new_tokens):
-        nxt = last.argmax(-1)
-        for r in range(rows):
-            if done[r]:
-                continue
-            t = int(nxt[r])
-            if eos is not None and t == eos:
-                done[r] = True
-            else:
-                new[r].append(t)
+        nxt = _take_greedy(last, new, done, eos)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         fill = torch.where(done, torch.full_like(nxt, eos if eos is not None else 0), nxt)
