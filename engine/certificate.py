@@ -102,8 +102,9 @@ def _finite(x) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def position_ranges(positions: Sequence[int] | str) -> str:
-    """``[10, 11, 12, 14]`` -> ``"10–12, 14"``; ``"all"`` -> ``"all"``."""
+def position_ranges(positions: Sequence[int] | str, dash: str = "\u2013") -> str:
+    """``[10, 11, 12, 14]`` -> ``"10–12, 14"``; ``"all"`` -> ``"all"``. ``dash="-"`` gives text the GUI's
+    intervention editor parses back."""
     if isinstance(positions, str):
         return positions
     ps = sorted(set(int(p) for p in positions))
@@ -112,7 +113,7 @@ def position_ranges(positions: Sequence[int] | str) -> str:
         j = i
         while j + 1 < len(ps) and ps[j + 1] == ps[j] + 1:
             j += 1
-        out.append(str(ps[i]) if i == j else f"{ps[i]}–{ps[j]}")
+        out.append(str(ps[i]) if i == j else f"{ps[i]}{dash}{ps[j]}")
         i = j + 1
     return ", ".join(out)
 

@@ -34,6 +34,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QFileDialog, QGridL
                                QStyledItemDelegate, QTableView, QTableWidget, QTableWidgetItem, QToolButton,
                                QVBoxLayout, QWidget)
 
+from engine.certificate import position_ranges
 from engine.errors import ForensicsError, InterventionError
 from workbench.views.incident import FAIL_BG, FAIL_FG, metric_name
 from workbench.views.plots import _fmt
@@ -82,16 +83,8 @@ def parse_int_list(text: str, what: str = "position", upper: int | None = None) 
 
 
 def format_int_list(values) -> str:
-    """``(3, 5, 6, 7)`` → ``"3, 5-7"``."""
-    vals = sorted(set(int(v) for v in values))
-    out, i = [], 0
-    while i < len(vals):
-        j = i
-        while j + 1 < len(vals) and vals[j + 1] == vals[j] + 1:
-            j += 1
-        out.append(str(vals[i]) if j == i else f"{vals[i]}-{vals[j]}")
-        i = j + 1
-    return ", ".join(out)
+    """``(3, 5, 6, 7)`` → ``"3, 5-7"`` (ASCII dash: the cell text is parsed back by :func:`parse_int_list`)."""
+    return position_ranges(values, dash="-")
 
 
 @dataclass(frozen=True)
