@@ -81,6 +81,7 @@ from . import stats
 from .errors import CCAError, ForensicsError
 from .failure import margin as _margin
 from .hooks import site_hooks
+from .layout import pinned_threads
 from .interventions import (ActivationSources, EvalContext, Intervention, InterventionSet, _make_hook,
                             context_from_bundle, run_with_interventions, validate_for)
 from .models import ModelHandle
@@ -101,19 +102,15 @@ class _Cancelled(Exception):
 
 @contextlib.contextmanager
 def torch_threads(n: int | None):
-    """Run with ``n`` intra-op torch threads (``None``/0: leave torch's setting), restored afterwards.
+    """Run with ``n`` intra-op torch threads (``None``/0: the current count), pinned as a replay pins them
+    (:func:`engine.layout.pinned_threads`), restored afterwards.
 
     CCA runs thousands of small batched forwards. On this project's 2-core machine, shared with other jobs (load
     average about 6), the demo search with all evidence took 5.0 s with one thread and 71 s with two (toxic: 5.9 s vs
     52 s): the OpenMP threads wait on each other whenever one is descheduled. On a quiet machine the two are close
     (``docs/cca.md``), so :func:`run_cca` and :func:`evaluate_fix_set` default to one thread."""
-    prev = torch.get_num_threads()
-    try:
-        if n:
-            torch.set_num_threads(int(n))
+    with pinned_threads(n):
         yield
-    finally:
-        torch.set_num_threads(prev)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ Modes:
 ``classify`` (``label:`` specs on a sequence classifier)
     one recorded forward; the logits are the class logits.
 
-Every forward runs with batch size 1 and no padding, under ``torch.no_grad()``, with the thread count and
-deterministic flags written to the bundle's environment so a replay can use the same layout.
+Every forward runs with batch size 1 and no padding, under ``torch.no_grad()``, with the thread count pinned
+(:func:`engine.layout.pinned_threads`: OpenMP = MKL threads, MKL dynamic off, exactly as a replay runs) and the
+count and deterministic flags written to the bundle's environment so a replay can use the same layout.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .bundle.schema import ACTIVATION_SITES, PROMPT_SETS, STAT_SITES
 from .errors import FailureSpecError, ForensicsError
 from .failure import FailureSpec, margin, span_logprob
 from .hooks import forward_captured
+from .layout import THREADING, pinned_threads
 from .models import ModelHandle, tokenizer_sha256
 
 Progress = Callable[[int, int, str], None]
@@ -45,8 +47,8 @@ class RecordingCancelled(ForensicsError):
     """The recording was cancelled before the bundle was complete (nothing is written)."""
 
 
-def environment(handle: ModelHandle) -> dict:
-    """Facts a replay needs to reproduce the computation bit for bit."""
+def environment(handle: ModelHandle, threads: int | None = None) -> dict:
+    """Facts a replay needs to reproduce the computation bit for bit (``threads``: the pinned count recorded under)."""
     import h5py
     import transformers
 
@@ -59,7 +61,8 @@ def environment(handle: ModelHandle) -> dict:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "device": "cpu",
-        "torch_num_threads": int(torch.get_num_threads()),
+        "torch_num_threads": int(threads or torch.get_num_threads()),
+        "threading": THREADING,
         "deterministic_algorithms": bool(torch.are_deterministic_algorithms_enabled()),
         "seed": SEED,
         "batch_layout": "batch_size=1, no padding, full forward per generated token (no KV cache)",
@@ -264,12 +267,14 @@ def record_incident(handle: ModelHandle, prompt: str, failure: str | FailureSpec
         sets["counterpart"] = [sets["counterpart"]]
     if progress:
         progress(0, 1, "recording the failing run")
-    run, fail = record_run(handle, spec, prompt, max_new_tokens)
-    fail.expected = expected
-    benign = None
-    if benign_prompts:
-        benign = record_benign(handle, spec, list(benign_prompts), max_new_tokens, progress, cancel)
+    with pinned_threads() as threads:
+        run, fail = record_run(handle, spec, prompt, max_new_tokens)
+        fail.expected = expected
+        benign = None
+        if benign_prompts:
+            benign = record_benign(handle, spec, list(benign_prompts), max_new_tokens, progress, cancel)
     if progress:
         progress(1, 1, "recorded")
     return Incident(model=model_info(handle, embed_weights), tokenizer=tokenizer_info(handle), run=run,
-                    failure=fail, environment=environment(handle), benign=benign, prompts=sets, scenario=scenario)
+                    failure=fail, environment=environment(handle, threads), benign=benign, prompts=sets,
+                    scenario=scenario)

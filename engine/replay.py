@@ -28,6 +28,7 @@ from .behaviour import greedy_continuation
 from .bundle import IncidentBundle, open_bundle
 from .errors import BundleError, ModelLoadError, ReplayError
 from .hooks import forward_captured
+from .layout import pinned_threads
 from .models import ModelHandle, load_model, tokenizer_sha256
 
 Progress = Callable[[int, int, str], None]
@@ -140,14 +141,10 @@ def load_bundle_model(bundle: IncidentBundle, model_source: str | None = None) -
 
 @contextmanager
 def recorded_layout(bundle: IncidentBundle):
-    """Threads and deterministic flags as recorded; restored afterwards."""
-    threads = torch.get_num_threads()
-    want = int(bundle.environment.get("torch_num_threads", threads) or threads)
-    try:
-        torch.set_num_threads(want)
-        yield want
-    finally:
-        torch.set_num_threads(threads)
+    """The recorded thread count, pinned as the recorder pinned it (:mod:`engine.layout`); restored afterwards."""
+    want = int(bundle.environment.get("torch_num_threads", 0) or 0) or None
+    with pinned_threads(want) as n:
+        yield n
 
 
 def bundle_inputs(bundle: IncidentBundle) -> dict[str, torch.Tensor]:

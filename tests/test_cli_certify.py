@@ -65,7 +65,8 @@ def test_certify_writes_pdf_and_json_and_says_why_it_is_qualified(certified, inp
     assert doc["analyst"]["name"] == "CLI reviewer" and doc["analyst"]["note"] == "p-value needs more controls"
     out = proc.stdout
     assert f"certificate written: {pdf} (5 pages) and {js}" in out
-    assert "FIX FOUND, QUALIFIED" in out and "p value" in out
+    assert doc["replay"]["bit_identical"], doc["replay"]["checks"]
+    assert "FIX FOUND, QUALIFIED" in out and "p value" in out, out
     assert flat(doc["verdict"]) in flat(out)
     # the reproduction commands name the files this certificate was made from, with their real paths
     cmds = doc["commands"]
@@ -127,7 +128,8 @@ def test_certify_runs_cf_and_cca_when_not_given(demo_bundle, tmp_path):
     assert all(p.is_file() for p in kept)
     doc = load_certificate(pdf.with_suffix(".json"))
     assert summary["verdict"] == doc["verdict"] and summary["certificate_id"] == doc["certificate_id"]
-    assert doc["cca"]["n_controls"] == 10 and doc["cf"] is not None and doc["replay"]["bit_identical"]
+    assert doc["replay"]["bit_identical"], doc["replay"]["checks"]
+    assert doc["cca"]["n_controls"] == 10 and doc["cf"] is not None
     assert json.loads(kept[0].read_text(encoding="utf-8"))["fix_set"] == doc["cca"]["fix_set"]
     assert f"forensics cca {demo_bundle} --out {kept[0]} --controls 10" in doc["commands"]
     # 10 control sets cannot meet the p-value criterion (>= 200): the certificate is qualified, exit 1
