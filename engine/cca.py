@@ -1605,6 +1605,9 @@ class _Search:
         self.hot = [p for m, p in drops if m <= inc.baseline_metric - inc.margin][:3]
         blocks, how = self.position_blocks(est)
         self.info["order"] = how
+        if self.ranking == "attribution":  # what actually orders the exact screening
+            self.info["method"] = (f"exact group-tested screening, positions by {how}; attribution patching "
+                                   "(grad x (replacement - activation)) estimate")
         self.info["position_order"] = [name for name, _ in blocks]
         for name, idx in blocks:
             self.group_test(f"{name} ({len(idx)} sites, group-tested)", [(cands[i],) for i in idx])

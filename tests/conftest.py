@@ -120,21 +120,36 @@ def minilm():
     return make_minilm()
 
 
+DEMO_RECORD = """
+import sys
+import scenarios
+from engine.bundle import write_bundle
+from engine.models import load_model
+from engine.recorder import record_incident
+
+sc = scenarios.get("gpt2-prompt-injection")
+incident = record_incident(
+    load_model(sc.model_source), sc.prompt, sc.failure, benign_prompts=list(sc.benign_reference[:16]),
+    prompt_sets={"counterpart": [sc.counterpart], "variants": list(sc.variants),
+                 "benign_heldout": list(sc.benign_heldout), "benign_expected": list(sc.benign_expected)},
+    max_new_tokens=sc.max_new_tokens, expected=sc.expected, scenario=sc.name)
+write_bundle(sys.argv[1], incident)
+"""
+
+
 @pytest.fixture(scope="session")
 def demo_bundle(tmp_path_factory) -> Path:
-    """The shipped ``gpt2-prompt-injection`` scenario recorded into an .h5 (once per session)."""
-    import scenarios
-    from engine.bundle import write_bundle
-    from engine.models import load_model
-    from engine.recorder import record_incident
+    """The shipped ``gpt2-prompt-injection`` scenario recorded into an .h5 (once per session).
 
-    sc = scenarios.get("gpt2-prompt-injection")
-    handle = load_model(sc.model_source)
-    incident = record_incident(
-        handle, sc.prompt, sc.failure, benign_prompts=list(sc.benign_reference[:16]),
-        prompt_sets={"counterpart": [sc.counterpart], "variants": list(sc.variants),
-                     "benign_heldout": list(sc.benign_heldout), "benign_expected": list(sc.benign_expected)},
-        max_new_tokens=sc.max_new_tokens, expected=sc.expected, scenario=sc.name)
+    Recorded in a process of its own, as a user's ``forensics record`` is, not in this long-lived test process
+    whose state earlier tests have changed (Qt, engine threads, torch's thread settings): every test that replays
+    it then checks the bundle a user would have."""
+    import subprocess
+    import sys
+
     path = tmp_path_factory.mktemp("demo") / "gpt2-prompt-injection.h5"
-    write_bundle(path, incident)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", DEMO_RECORD, str(path)], capture_output=True, text=True, env=env,
+                          timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0 and path.is_file(), proc.stderr[-3000:]
     return path
