@@ -365,17 +365,21 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             mod.register(sub)
 
-    s = sub.add_parser("scenario", help="shipped failure scenarios: list | build NAME --out DIR")
-    s.add_argument("action", choices=("list", "build"))
-    s.add_argument("name", nargs="?")
-    s.add_argument("--out")
-    s.add_argument("--retrain", action="store_true", help="re-train the model too (deterministic)")
-    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("scenario", help="shipped failure scenarios: list | build NAME --out DIR",
+                       description="List the shipped failure scenarios, or record one's primary incident (with its "
+                                   "prompt sets and benign reference runs) into DIR/NAME.h5.")
+    s.add_argument("action", choices=("list", "build"), help="list the scenarios, or build one")
+    s.add_argument("name", nargs="?", help="scenario to build (forensics scenario list names them)")
+    s.add_argument("--out", help="folder to write the bundle (and, with --retrain, the model) into")
+    s.add_argument("--retrain", action="store_true", help="re-train the model too (deterministic on one machine; "
+                                                          "minutes on a CPU) and compare it with the shipped weights")
+    s.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     s.set_defaults(func=cmd_scenario)
 
     d = sub.add_parser("demo", help="the whole pipeline on the shipped demo incident: record, replay, CF, CCA, "
                                     "certificate")
-    d.add_argument("--out", default="demo-out")
+    d.add_argument("--out", default="demo-out", help="folder for the bundle, CF/CCA results and certificate "
+                                                     "(default: demo-out)")
     d.set_defaults(func=cmd_demo)
     return p
 
