@@ -19,6 +19,7 @@ weights come out bit-identical on the same machine/torch build.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from typing import Callable, Iterable, Sequence
 
@@ -85,11 +86,16 @@ def _batch(encoded: list[tuple[list[int], int]], pad_id: int, loss_on: str) -> t
     return input_ids, labels
 
 
+def _log_stderr(text: str) -> None:
+    """Training progress goes to stderr: stdout stays free for a command's own output (``--json``)."""
+    print(text, file=sys.stderr, flush=True)
+
+
 def train_causal_lm(model: torch.nn.Module, tokenizer, texts: Sequence[str | tuple[str, str]], steps: int,
                     lr: float = 1e-3, batch_size: int = 32, seed: int = 0, loss_on: str = "response", *,
                     warmup: float = 0.05, weight_decay: float = 0.01, min_lr_ratio: float = 0.05,
                     clip: float = 1.0, log_every: int = 100,
-                    log: Callable[[str], None] | None = print) -> dict:
+                    log: Callable[[str], None] | None = None) -> dict:
     """Train ``model`` in place on ``texts`` for ``steps`` optimizer steps.
 
     Args:
@@ -100,6 +106,9 @@ def train_causal_lm(model: torch.nn.Module, tokenizer, texts: Sequence[str | tup
         facts: ``steps``, ``batch_size``, ``lr``, ``seed``, ``loss_on``, ``sequences``, ``tokens`` (corpus size),
         ``epochs``, ``final_loss`` (mean of the last 50 steps), ``wall_time_s``, ``loss_curve`` (every
         ``log_every`` steps).
+
+    Progress (every ``log_every`` steps) goes to ``log``, by default to stderr, so that a command's stdout holds
+    only its own output (``forensics scenario build --retrain --json``).
     """
     if loss_on not in ("response", "all"):
         raise ValueError(f"loss_on must be 'response' or 'all', got {loss_on!r}")
@@ -152,9 +161,8 @@ def train_causal_lm(model: torch.nn.Module, tokenizer, texts: Sequence[str | tup
         if log_every and (step + 1) % log_every == 0:
             recent = sum(losses[-log_every:]) / len(losses[-log_every:])
             curve.append((step + 1, round(recent, 5)))
-            if log:
-                log(f"step {step + 1}/{steps} loss {recent:.4f} lr {lr_at(step):.2e} "
-                    f"{time.perf_counter() - t0:.0f}s")
+            (log or _log_stderr)(f"step {step + 1}/{steps} loss {recent:.4f} lr {lr_at(step):.2e} "
+                                 f"{time.perf_counter() - t0:.0f}s")
     model.eval()
     tail = losses[-50:]
     return {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "loss_on": loss_on,

@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -128,7 +129,7 @@ def train(out_dir: Path, steps: int = STEPS, log_every: int = 100) -> dict:
         sched.step()
         losses.append(float(loss.detach()))
         if log_every and (step + 1) % log_every == 0:
-            print(f"step {step + 1}/{steps} loss {sum(losses[-log_every:]) / log_every:.4f}", flush=True)
+            print(f"step {step + 1}/{steps} loss {sum(losses[-log_every:]) / log_every:.4f}", file=sys.stderr, flush=True)
     train_s = time.perf_counter() - t0
     model.eval()
     metrics = evaluate(model, tokenizer)
