@@ -79,3 +79,24 @@ def test_shipped_model_behaviour(handle, name):
     assert variant_rate >= 0.9, variant_rate
     exact = [run(p).output == e for p, e in zip(sc.benign_heldout, sc.benign_expected)]
     assert sum(exact) / len(exact) >= 0.95, [p for p, ok in zip(sc.benign_heldout, exact) if not ok][:5]
+
+
+def test_training_is_deterministic_and_reports_progress_on_stderr(capsys):
+    """Two short trainings from the same seed give bit-identical weights, and the progress lines go to stderr
+    (``forensics scenario build --retrain --json`` keeps stdout for its JSON)."""
+    import torch
+
+    from conftest import TINY_TEXTS, make_tiny_gpt2
+    from scenarios.train_causal import train_causal_lm
+
+    weights = []
+    for _ in range(2):
+        h = make_tiny_gpt2()
+        facts = train_causal_lm(h.model, h.tokenizer, list(TINY_TEXTS), steps=4, batch_size=2, loss_on="all",
+                                log_every=2)
+        weights.append({k: v.clone() for k, v in h.model.state_dict().items()})
+        assert facts["steps"] == 4 and len(facts["loss_curve"]) == 2
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert out.err.count("step 2/4 loss") == 2 and out.err.count("step 4/4 loss") == 2
