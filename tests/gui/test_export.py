@@ -155,9 +155,7 @@ def test_cancel_during_cca_writes_nothing(qtbot, window, tmp_path, save_as, boxe
     window.act_export.trigger()
     qtbot.waitUntil(lambda: any("CCA:" in m for m in messages), timeout=TIMEOUT_MS)
     assert window.act_cancel.isEnabled()
-    # what Analysis ▸ Cancel running job (Esc) is for; the action itself passes its "checked" flag as the job name
-    # (runner.cancel(False) cancels nothing: reported, app.py), so the test calls what it should call
-    window.runner.cancel()
+    window.act_cancel.trigger()                                   # Analysis ▸ Cancel running job (Esc)
     qtbot.waitUntil(lambda: "export cancelled" in status(window), timeout=60_000)
     assert status(window) == "Certificate export cancelled; nothing was written"
     assert list(tmp_path.iterdir()) == [] and boxes == []

@@ -163,7 +163,7 @@ class BrowserView(QWidget):
 
         # --- per-token norms, sharing the token axis with the heatmap
         self.norm_widget = pg.PlotWidget()
-        _styled_plot(self.norm_widget, "token", "L2 norm ‖x‖", bottom_units="model units")
+        _styled_plot(self.norm_widget, "token", "‖x‖₂", bottom_units="model units")
         self.norm_plot = self.norm_widget.getPlotItem()
         self.norm_plot.invertY(True)
         self.norm_plot.showGrid(x=True, y=False, alpha=0.25)
@@ -175,7 +175,7 @@ class BrowserView(QWidget):
         self.norm_curve = pg.PlotDataItem(pen=pg.mkPen((0, 114, 178), width=1.5), symbol="o", symbolSize=4,
                                           symbolBrush=(0, 114, 178), symbolPen=None)
         self.norm_plot.addItem(self.norm_curve)
-        self.norm_widget.setMinimumWidth(90)
+        self.norm_widget.setMinimumWidth(160)
         self.norm_widget.setMaximumWidth(260)
         self.norm_widget.setToolTip("L2 norm of each token's full d_model vector (positions in view)")
 

@@ -51,6 +51,12 @@ def make_table(headers: list[str]) -> QTableWidget:
     return t
 
 
+def fit_rows(table: QTableWidget, rows: int) -> None:
+    """Make ``table`` tall enough to show ``rows`` rows and its header without a scroll bar."""
+    h = table.horizontalHeader().sizeHint().height() + rows * table.verticalHeader().defaultSectionSize()
+    table.setMinimumHeight(h + 2 * table.frameWidth() + 2)
+
+
 def _item(text: str, numeric: bool = False) -> QTableWidgetItem:
     it = QTableWidgetItem(text)
     if numeric:
@@ -91,6 +97,10 @@ def fill_fix_set_table(table: QTableWidget, result, first_col: int = 0) -> None:
 
 
 CRITERIA_HEADERS = ["", "criterion", "target", "measured", "detail"]
+#: Criteria whose measured value is a share (shown as a percentage).
+_PERCENT_CRITERIA = ("flip_rate", "side_effect_rate", "fraction_of_activations")
+#: Criteria whose measured value is a yes (1) / no (0).
+_FLAG_CRITERIA = ("one_minimal", "incident_flipped")
 
 
 def fill_criteria_table(table: QTableWidget, result) -> None:
@@ -106,7 +116,15 @@ def fill_criteria_table(table: QTableWidget, result) -> None:
         table.setItem(r, 0, mark)
         table.setItem(r, 1, _item(name.replace("_", " ")))
         table.setItem(r, 2, _item(str(c.get("target", ""))))
-        table.setItem(r, 3, _item(_fmt(value) if isinstance(value, (int, float)) and value is not None else "—", True))
+        if isinstance(value, bool) or (name in _FLAG_CRITERIA and value in (0, 1)):
+            shown = "yes" if value else "no"
+        elif not isinstance(value, (int, float)):
+            shown = "—" if value is None else str(value)
+        elif name in _PERCENT_CRITERIA:
+            shown = f"{100 * float(value):.2f}%" if 0 < abs(float(value)) < 0.01 else _pct(value)
+        else:
+            shown = _fmt(value)
+        table.setItem(r, 3, _item(shown, True))
         detail = _item(str(c.get("detail", "")))
         detail.setToolTip(str(c.get("detail", "")))
         table.setItem(r, 4, detail)
@@ -245,6 +263,8 @@ class CCAView(QWidget):
         self.summary.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.fix_table = make_table(FIX_SET_HEADERS)
         self.criteria_table = make_table(CRITERIA_HEADERS)
+        fit_rows(self.fix_table, 2)
+        fit_rows(self.criteria_table, 6)  # every acceptance criterion in view at once
 
         result_box = QGroupBox("Result")
         rl = QVBoxLayout(result_box)
@@ -255,13 +275,13 @@ class CCAView(QWidget):
         rl.addWidget(QLabel("Fix set"))
         rl.addWidget(self.fix_table, 1)
         rl.addWidget(QLabel("Criteria"))
-        rl.addWidget(self.criteria_table, 1)
+        rl.addWidget(self.criteria_table, 2)
 
         split = QSplitter(Qt.Orientation.Vertical)
         split.addWidget(self.trace_plot)
         split.addWidget(result_box)
         split.setStretchFactor(0, 1)
-        split.setStretchFactor(1, 2)
+        split.setStretchFactor(1, 3)
 
         lay = QVBoxLayout(self)
         lay.addLayout(params)
