@@ -138,7 +138,7 @@ def bundle_numbers(handle: ModelHandle, folder: Path) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=0, help="repetitions per length (default: 21 at 32, 7 at 1024)")
+    ap.add_argument("--reps", type=int, default=0, help="repetitions per length (default: 31 at 32, 13 at 1024)")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; GPT-2 small shape "
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     handle = build_model()
     rows = []
     for n in LENGTHS:
-        reps = args.reps or (21 if n <= 64 else 7)
+        reps = args.reps or (31 if n <= 64 else 13)
         p, q, ratio = forward_ratio(handle, n, reps)
         print(f"  {n:5d} tokens: plain {p * 1e3:8.1f} ms, recorded {q * 1e3:8.1f} ms (medians of {reps}); "
               f"median of per-repetition ratios {ratio:.3f}", flush=True)
