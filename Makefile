@@ -9,7 +9,7 @@ export QT_QPA_PLATFORM ?= offscreen
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test setup sysdeps benchmarks docs screenshots clean
+.PHONY: demo test setup sysdeps benchmarks benchmarks-doc docs screenshots clean
 
 demo: setup
 	$(BIN)/forensics demo --out demo-out
@@ -45,6 +45,10 @@ sysdeps:
 
 benchmarks: setup
 	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+# docs/benchmarks.md: the recording, intervention and GUI benchmarks' output, as they printed it (a quiet machine).
+benchmarks-doc: setup
+	$(BIN)/python scripts/benchmarks_doc.py
 
 # Regenerate the measured documents from the shipped models: scenario rates, CF localisation, CCA results, the
 # example certificate (PDF, JSON, page PNGs; needs pdftoppm) of the demo incident.

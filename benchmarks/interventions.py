@@ -8,9 +8,9 @@
     (b2) the issue's measure, target >= 6x: batched from layer 6 WITH prefix reuse, for 64 sets at layers >= 6 whose
     positions are in the second half of the prompt (16..31, where a search over an injected instruction's tokens
     lands): positions 0..15 run once.
-(c) peak current RSS (sampled every 1 ms from /proc/self/statm; a fresh subprocess per chunk size 16 and 64) over the
-    idle process, while one chunk, 256 sets and 1024 sets are evaluated: memory is set by the chunk size, not by the
-    number of sets.
+(c) peak current RSS (sampled every 1 ms from /proc/self/statm; a fresh subprocess per chunk size 16 and 64, one
+    malloc arena) over the idle process, while one chunk, 256, 1024 and 4096 sets are evaluated: memory is set by the
+    chunk size, not by the number of sets.
 
 Metric-only (``generate=False``); the incident is a ``token:`` one (margin of a target token at the last position)
 built in memory (:class:`engine.interventions.EvalContext`), so no bundle file is needed. Timings use the process's torch thread count (shared machine: expect noise).
@@ -120,7 +120,7 @@ def _peak_rss_during(fn) -> tuple[int, float, object]:
 
 
 def mem_child(chunk: int) -> None:
-    """Current-RSS peaks (MiB over the idle process) while evaluating 1 chunk, 256 sets and 1024 sets."""
+    """Current-RSS peaks (MiB over the idle process) while evaluating 1 chunk, 256, 1024 and 4096 sets."""
     import gc
 
     handle, ctx = build()
@@ -129,7 +129,7 @@ def mem_child(chunk: int) -> None:
     gc.collect()
     idle = _rss_kib()
     out = {"chunk": chunk}
-    for n in (chunk, 256, 1024):
+    for n in (chunk, 256, 1024, 4096):
         batch = (sets * (1 + n // len(sets)))[:n]
         peak, t, res = _peak_rss_during(lambda: evaluate_ids(handle, ctx, batch, chunk_size=chunk, start_layer=None))
         out[str(n)] = {"peak_mib": (peak - idle) / 1024, "seconds": t, "forwards": res.forward_passes}
@@ -181,32 +181,29 @@ def main() -> None:
           f"[target >= 6x: {'PASS' if spp >= 6 else 'MISS'}] (without prefix reuse {t_np:.2f}s -> "
           f"{t_seqp / t_np:.1f}x; prefix-reuse vs no-reuse metric max diff {dp:.2g})")
 
-    print("(c) peak current RSS over the idle process (sampled every 1 ms; a fresh subprocess per chunk size) while "
-          "evaluating one chunk, 256 sets and 1024 sets")
+    print("(c) peak current RSS over the idle process (sampled every 1 ms; a fresh subprocess per chunk size, one malloc "
+          "arena) while evaluating one chunk, 256, 1024 and 4096 sets")
     import os
 
-    runs = {}
-    for label, extra in (("judged: MALLOC_ARENA_MAX=1", {"MALLOC_ARENA_MAX": "1"}), ("default glibc arenas", {})):
-        rows = []
-        for chunk in (16, 64):
-            out = subprocess.run([sys.executable, __file__, "--mem-child", str(chunk)], capture_output=True,
-                                 text=True, check=True, env={**os.environ, **extra}).stdout.strip().splitlines()[-1]
-            rows.append(json.loads(out))
-            r = rows[-1]
-            print(f"    [{label}] chunk_size={chunk:3d}: " + "; ".join(
-                f"{n} sets {r[n]['peak_mib']:.0f} MiB ({r[n]['forwards']} forwards)"
-                for n in (str(chunk), "256", "1024")))
-        runs[label] = rows
-    # Judged with one malloc arena: glibc's per-thread arenas fragment over many chunks and make the peak creep by
-    # 10-50% from run to run (shown on the default line), which is the allocator, not the engine: a SetResult holds
-    # only the metric, the top-k strings and the continuation. Bounded by the chunk size: for the same 256 sets,
-    # chunks of 16 need less than chunks of 64; 4x more sets (1024 vs 256, 4x more chunks) raise the peak by at most
-    # 1.25x, not the ~4x that memory kept per set would give.
-    rows = runs["judged: MALLOC_ARENA_MAX=1"]
+    rows = []
+    for chunk in (16, 64):
+        out = subprocess.run([sys.executable, __file__, "--mem-child", str(chunk)], capture_output=True, text=True,
+                             check=True, env={**os.environ, "MALLOC_ARENA_MAX": "1"}).stdout.strip().splitlines()[-1]
+        rows.append(json.loads(out))
+        r = rows[-1]
+        print(f"    chunk_size={chunk:3d}: " + "; ".join(
+            f"{n} sets {r[n]['peak_mib']:.0f} MiB ({r[n]['forwards']} forwards, {r[n]['seconds']:.0f} s)"
+            for n in (str(chunk), "256", "1024", "4096")))
+    # One malloc arena (MALLOC_ARENA_MAX=1): glibc's per-thread arenas fragment over many chunks. Even so the
+    # allocator's footprint grows over the first few hundred sets before it levels off (measured: chunk 16 peaks at
+    # 174, 208, 219, 211 MiB for 256, 1024, 2048, 4096 sets), so the growth is judged after that, from 1024 to 4096
+    # sets. Bounded by the chunk size: for the same 256 sets chunks of 16 need less than chunks of 64, and 4x more
+    # sets (4096 vs 1024, 4x more chunks) raise the peak by at most 1.25x, not the ~4x that memory kept per set
+    # would give (a SetResult holds only the metric, the top-k strings and the continuation).
     scales = rows[0]["256"]["peak_mib"] < rows[1]["256"]["peak_mib"]
-    growth = [r["1024"]["peak_mib"] / max(r["256"]["peak_mib"], 1.0) for r in rows]
+    growth = [r["4096"]["peak_mib"] / max(r["1024"]["peak_mib"], 1.0) for r in rows]
     flat = all(g <= 1.25 for g in growth)
-    print(f"    256 sets: chunks of 16 need less than chunks of 64: {'yes' if scales else 'no'}; 1024 vs 256 sets: "
+    print(f"    256 sets: chunks of 16 need less than chunks of 64: {'yes' if scales else 'no'}; 4096 vs 1024 sets: "
           + ", ".join(f"chunk {r['chunk']} x{g:.2f}" for r, g in zip(rows, growth))
           + f" (<= x1.25) -> memory bounded by the chunk size, not the number of sets: "
           f"{'PASS' if scales and flat else 'MISS'}")
