@@ -21,7 +21,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QFormLay
                                QHeaderView, QLabel, QProgressBar, QPushButton, QSpinBox, QSplitter, QTableWidget,
                                QTableWidgetItem, QVBoxLayout, QWidget)
 
-from workbench.views.plots import _fmt, _styled_plot
+from workbench.views.plots import _fmt, _styled_plot, fit_rows
 
 JOB = "cca"
 OK_MARK, FAIL_MARK = "\u2713", "\u2717"   # ✓ ✗
@@ -49,12 +49,6 @@ def make_table(headers: list[str]) -> QTableWidget:
     t.horizontalHeader().setStretchLastSection(True)
     t.setWordWrap(False)
     return t
-
-
-def fit_rows(table: QTableWidget, rows: int) -> None:
-    """Make ``table`` tall enough to show ``rows`` rows and its header without a scroll bar."""
-    h = table.horizontalHeader().sizeHint().height() + rows * table.verticalHeader().defaultSectionSize()
-    table.setMinimumHeight(h + 2 * table.frameWidth() + 2)
 
 
 def _item(text: str, numeric: bool = False) -> QTableWidgetItem:
