@@ -19,6 +19,21 @@ def test_open_shows_incident_and_title(window, demo_bundle):
     assert b.continuation_text.strip()[:20] in text
     assert window.act_close.isEnabled() and window.act_run_cf.isEnabled()
     assert "Expected" in text and b.expected in text and "log-prob of the failing text" in text
+    # the failing span's tokens are marked red in the rendered panel, and nothing else but the FAILS badge
+    from workbench.views.incident import FAIL_BG, _tok
+
+    doc, marked = window.incident.view.document(), []
+    block = doc.begin()
+    while block.isValid():
+        it = block.begin()
+        while not it.atEnd():
+            frag = it.fragment()
+            if frag.charFormat().background().color().name() == FAIL_BG:
+                marked.append(frag.text().replace("\u00a0", " ").strip())
+            it += 1
+        block = block.next()
+    span = [_tok(t) for t in b.tokens[b.target_start:b.target_start + b.target_length]]
+    assert b.target_length > 0 and marked == span + ["FAILS"], marked
     # the panel is as tall as its text: everything visible, no scroll bar, no empty band under it
     panel = window.incident
     assert panel.view.verticalScrollBar().maximum() == 0
