@@ -60,9 +60,6 @@ def test_cca_run_shows_progress_trace_and_fix_set(qtbot, session, view):
                 for r in range(view.criteria_table.rowCount())}
     assert measured["flip rate"] == f"{100 * res.flip_rate:.1f}%"       # shares as percentages, flags as yes/no
     assert measured["one minimal"] == ("yes" if res.one_minimal else "no")
-    # all six criteria in view without scrolling
-    assert view.criteria_table.minimumHeight() >= view.criteria_table.horizontalHeader().sizeHint().height() + \
-        len(res.criteria) * view.criteria_table.verticalHeader().defaultSectionSize()
     text = view.summary.text()
     assert f"{res.n_variants} held-out failing variants: {100 * res.flip_rate:.1f}%" in text
     assert "Wilson 95% CI" in text and f"{res.n_controls} random control sets" in text

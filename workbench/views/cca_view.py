@@ -21,7 +21,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QFormLay
                                QHeaderView, QLabel, QProgressBar, QPushButton, QSpinBox, QSplitter, QTableWidget,
                                QTableWidgetItem, QVBoxLayout, QWidget)
 
-from workbench.views.plots import _fmt, _styled_plot, fit_rows
+from workbench.views.plots import _fmt, _styled_plot
 
 JOB = "cca"
 OK_MARK, FAIL_MARK = "\u2713", "\u2717"   # ✓ ✗
@@ -257,8 +257,6 @@ class CCAView(QWidget):
         self.summary.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.fix_table = make_table(FIX_SET_HEADERS)
         self.criteria_table = make_table(CRITERIA_HEADERS)
-        fit_rows(self.fix_table, 2)
-        fit_rows(self.criteria_table, 6)  # every acceptance criterion in view at once
 
         result_box = QGroupBox("Result")
         rl = QVBoxLayout(result_box)
@@ -268,6 +266,7 @@ class CCAView(QWidget):
         rl.addLayout(head)
         rl.addWidget(QLabel("Fix set"))
         rl.addWidget(self.fix_table, 1)
+        self._cap_fix_table(4)
         rl.addWidget(QLabel("Criteria"))
         rl.addWidget(self.criteria_table, 2)
 
@@ -275,7 +274,8 @@ class CCAView(QWidget):
         split.addWidget(self.trace_plot)
         split.addWidget(result_box)
         split.setStretchFactor(0, 1)
-        split.setStretchFactor(1, 3)
+        split.setStretchFactor(1, 4)  # room for all six criteria rows in a window of 900 px; no minimum height, so
+        # the window still fits a small screen (the tables scroll there)
 
         lay = QVBoxLayout(self)
         lay.addLayout(params)
@@ -318,6 +318,12 @@ class CCAView(QWidget):
         self.use_cf.setEnabled(not running and self.session.cf is not None)
 
     # ------------------------------------------------------------------ actions
+
+    def _cap_fix_table(self, rows: int) -> None:
+        """At most ``rows`` rows tall (more scroll), so the rest of the height goes to the criteria table."""
+        t = self.fix_table
+        t.setMaximumHeight(t.horizontalHeader().sizeHint().height() + rows * t.verticalHeader().defaultSectionSize()
+                           + 2 * t.frameWidth() + 2)
     @Slot()
     def run(self) -> None:
         """Start CCA on the engine thread with the chosen parameters."""
@@ -454,6 +460,7 @@ class CCAView(QWidget):
         self._trace = list(result.trace)
         self.trace_curve.setData(*trace_points(self._trace))
         fill_fix_set_table(self.fix_table, result)
+        self._cap_fix_table(min(4, max(1, self.fix_table.rowCount())))
         fill_criteria_table(self.criteria_table, result)
         self.summary.setText("\n".join(summary_lines(result)))
         self.partial_label.setVisible(bool(result.partial))

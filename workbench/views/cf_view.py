@@ -15,7 +15,7 @@ from PySide6.QtCore import Qt, QTimer, Slot
 from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QHBoxLayout, QHeaderView, QLabel, QProgressBar,
                                QPushButton, QSplitter, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
 
-from workbench.views.plots import AnomalyBarPlot, _fmt, fit_rows
+from workbench.views.plots import AnomalyBarPlot, _fmt
 
 JOB = "cf"
 _DEFAULT_STATISTICS = ("bits", "distance")
@@ -87,13 +87,12 @@ class CFView(QWidget):
         self.findings.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         self.findings.horizontalHeader().setStretchLastSection(True)
         self.findings.setToolTip("Ranked anomalous sites; double-click a row to show it in the browser")
-        fit_rows(self.findings, 6)  # the top findings in view without scrolling
 
         split = QSplitter(Qt.Orientation.Vertical)
         split.addWidget(self.plot)
         split.addWidget(self.findings)
-        split.setStretchFactor(0, 2)
-        split.setStretchFactor(1, 1)
+        split.setStretchFactor(0, 3)
+        split.setStretchFactor(1, 2)  # the top findings in view under the plot (no minimum height: small screens)
 
         lay = QVBoxLayout(self)
         lay.addLayout(top)

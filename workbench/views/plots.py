@@ -329,8 +329,3 @@ class HistogramPlot(pg.PlotWidget):
         self.plotItem.setYRange(0, top * 1.15, padding=0)
         self.plotItem.setXRange(lo_hi[0], lo_hi[1], padding=0.05)
 
-
-def fit_rows(table, rows: int) -> None:
-    """Make a ``QTableWidget`` tall enough to show ``rows`` rows and its header without a scroll bar."""
-    h = table.horizontalHeader().sizeHint().height() + rows * table.verticalHeader().defaultSectionSize()
-    table.setMinimumHeight(h + 2 * table.frameWidth() + 2)
