@@ -126,9 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     wait_for(ed.replayed, 120, "the replay of the fix set")
     grab(win, out, "editor")
 
-    # 5. Review
+    # 5. Review: side effects, then the control distribution and the layer x position map
     win.show_view("Review")
     grab(win, out, "review")
+    review = win.view("Review")
+    for index, name in ((1, "review-controls"), (2, "review-map")):
+        review.tabs.setCurrentIndex(index)
+        grab(win, out, name)
+    review.tabs.setCurrentIndex(0)
 
     win.close()
     app.processEvents()

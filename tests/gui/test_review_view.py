@@ -94,6 +94,7 @@ def test_review_shows_every_piece_of_evidence(view, session, two_element_result)
     assert int(view.histogram.counts.sum()) == res.n_controls == N_CONTROLS
     assert view.histogram.observed == pytest.approx(res.evidence["controls"]["observed_flip_rate"])
     assert view.histogram.observed_line.isVisible()
+    assert view.histogram.observed_line.label.toPlainText() == f"observed {view.histogram.observed:.3g}"
     assert f"n={N_CONTROLS}" in view.tabs.tabText(1)
     # the layer x position map marks exactly the two elements' cells
     m = view.position_map.matrix

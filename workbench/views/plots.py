@@ -320,8 +320,8 @@ class HistogramPlot(pg.PlotWidget):
         self.curve.setData(self.edges, self.counts)
         if observed is not None and math.isfinite(float(observed)):
             self.observed = float(observed)
+            self.observed_line.setVisible(True)   # before setValue: a hidden line's label ignores the new value
             self.observed_line.setValue(self.observed)
-            self.observed_line.setVisible(True)
         else:
             self.observed = None
             self.observed_line.setVisible(False)
