@@ -225,3 +225,27 @@ def test_close_during_a_cca_run_exits_cleanly(qtbot, demo_bundle):
     win.close()
     assert time.monotonic() - t0 < 5
     assert not win.runner._thread.isRunning() and win.session.bundle is None
+
+
+def test_cf_run_then_bar_click_shows_that_site_in_the_browser(window, qtbot):
+    """Stories 3 and 2 joined in the main window: Analysis ▸ Run CF (Ctrl+R) on the engine thread, then a click on
+    the tallest bar brings the Browser tab to the front on that site, reading its activations from the bundle."""
+    import numpy as np
+
+    b = window.session.bundle
+    cf_view, browser = window.view("CF"), window.browser
+    window.show_view("CF")
+    with qtbot.waitSignal(window.session.cf_changed, timeout=120_000) as done:
+        window.act_run_cf.trigger()
+    res = done.args[0]
+    assert not res.partial and window.session.cf is res
+    best = max(res.scores, key=lambda s: s.score)
+    pos = cf_view.plot.mapFromScene(cf_view.plot.bar_scene_pos(best.layer, best.site))
+    with qtbot.waitSignal(browser.slice_drawn, timeout=5000):
+        qtbot.mouseClick(cf_view.plot.viewport(), Qt.MouseButton.LeftButton, pos=pos)
+    assert window.tabs.currentWidget() is browser
+    item = browser.tree.currentItem()
+    assert item.text(0) == best.site and item.parent() is browser.tree.topLevelItem(best.layer)
+    assert f"Layer {best.layer} · {best.site}" in browser.title.text()
+    np.testing.assert_array_equal(browser.image_data, b.activation(best.layer, best.site)[:browser.image_data.shape[0],
+                                                                                      :browser.image_data.shape[1]])
