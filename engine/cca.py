@@ -83,7 +83,7 @@ from .failure import margin as _margin
 from .hooks import site_hooks
 from .layout import pinned_threads
 from .interventions import (ActivationSources, EvalContext, Intervention, InterventionSet, _make_hook,
-                            context_from_bundle, run_with_interventions, validate_for)
+                            _take_greedy, context_from_bundle, run_with_interventions, validate_for)
 from .models import ModelHandle
 
 SCHEMA = "forensics.cca-result/1"
@@ -626,21 +626,6 @@ def _generate_rows(handle: ModelHandle, rows: Sequence[tuple], spec, max_new_tok
                 res[k] = {"tokens": new[r], "eos": ended[r], "output": text,
                           "failing": bool(spec.continuation_fails(text)), "logp": first[r]}
     return res  # type: ignore[return-value]
-
-
-def _take_greedy(last: torch.Tensor, new: list[list[int]], done: torch.Tensor, eos) -> torch.Tensor:
-    """One greedy step for every row: append the argmax of ``last`` ``[rows, V]`` to ``new``, or mark the row done at
-    EOS (rows already done are left alone). Returns the argmax ids ``[rows]``."""
-    nxt = last.argmax(-1)
-    for r in range(len(new)):
-        if done[r]:
-            continue
-        t = int(nxt[r])
-        if eos is not None and t == eos:
-            done[r] = True
-        else:
-            new[r].append(t)
-    return nxt
 
 
 def _generate_full(handle: ModelHandle, ids: torch.Tensor, sets, src, max_new_tokens: int, eos, budget):

@@ -590,6 +590,21 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
         return False
 
 
+def _take_greedy(last: torch.Tensor, new: list[list[int]], done: torch.Tensor, eos) -> torch.Tensor:
+    """One greedy step for every row: append the argmax of ``last`` ``[rows, V]`` to ``new``, or mark the row done at
+    EOS (rows already done are left alone). Returns the argmax ids ``[rows]``."""
+    nxt = last.argmax(-1)
+    for r in range(len(new)):
+        if done[r]:
+            continue
+        t = int(nxt[r])
+        if eos is not None and t == eos:
+            done[r] = True
+        else:
+            new[r].append(t)
+    return nxt
+
+
 @torch.no_grad()
 def generate_with_interventions(handle: ModelHandle, input_ids: torch.Tensor, sets: Sequence[InterventionSet],
                                 max_new_tokens: int, *, sources: ActivationSources | None = None,
@@ -610,15 +625,7 @@ def generate_with_interventions(handle: ModelHandle, input_ids: torch.Tensor, se
         if counter is not None:
             counter[0] += 1
             counter[1] += rows
-        nxt = logits[:, -1].argmax(-1)
-        for r in range(rows):
-            if done[r]:
-                continue
-            t = int(nxt[r])
-            if eos_token_id is not None and t == eos_token_id:
-                done[r] = True
-            else:
-                new[r].append(t)
+        nxt = _take_greedy(logits[:, -1], new, done, eos_token_id)
         if bool(done.all()):
             break
         fill = torch.where(done, torch.full_like(nxt, eos_token_id if eos_token_id is not None else 0), nxt)

@@ -328,4 +328,3 @@ class HistogramPlot(pg.PlotWidget):
         top = max(1, int(self.counts.max()) if self.counts.size else 1)
         self.plotItem.setYRange(0, top * 1.15, padding=0)
         self.plotItem.setXRange(lo_hi[0], lo_hi[1], padding=0.05)
-
