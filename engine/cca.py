@@ -26,7 +26,7 @@ single-site results; ``docs/cca.md`` has the long form):
    from the recorded residual stream of the lowest intervened block, the shared prompt prefix run once). A set
    *fixes* the incident when the metric is ``<= -margin`` (the failing outcome / continuation beaten by at least
    ``margin`` logits) **and**, for generation incidents, the greedy continuation generated under the set no longer
-   fails. Single sites: (a) token ablations (``resid_pre`` of block 0 at every position, each on its own); (b) the
+   fails. Single sites: (a) token ablations (``resid_pre`` of block 0 at every position, group-tested); (b) the
    other sites one prompt position at a time — with CF in the order of CF's position anomaly
    (``CFResult.order_candidates``), without CF by the attribution estimate — each position's block screened by
    adaptive group testing (the union of a group is one row; a union that does not fix clears its sites, one that
@@ -1571,8 +1571,10 @@ class _Search:
         return [(f"position {p}", blocks[p]) for p in sorted(blocks, key=lambda q: pos_rank.get(q, n))], how
 
     def size1(self) -> None:
-        """Single sites. (1) Token ablations: ``resid_pre`` of block 0 at every prompt position, each on its own
-        (which input tokens carry the failure). (2) The rest, one prompt position at a time in the order of
+        """Single sites. (1) Token ablations: ``resid_pre`` of block 0 at every prompt position (which input tokens
+        carry the failure), screened by adaptive group testing like the blocks below (a union of positions whose
+        ablation does not fix clears them all in one row; every position called fixing was evaluated on its own),
+        so their cost grows with the log of the prompt length where few tokens fix. (2) The rest, one prompt position at a time in the order of
         :meth:`position_blocks` (CF's position anomaly by default), each block screened by adaptive group testing
         (:meth:`group_test`). The chooser's checks run after the first position block and after every later one;
         the search stops after the first block that leaves a *clean* fix."""
@@ -1583,11 +1585,7 @@ class _Search:
         est = None
         if self.ranking == "attribution":
             _, est = self._score((), cands)
-        tok = [(c,) for c in cands if c.layer == 0 and c.component == "resid_pre" and len(c.positions) == 1]
-        self._round("token ablations (L0 resid_pre at every position)", tok, check=False)
-        drops = sorted((self.evaluated[_skey(s)][1], s[0].positions[0]) for s in tok
-                       if s[0].positions[0] != self.dec and _skey(s) in self.evaluated)
-        self.hot = [p for m, p in drops if m <= inc.baseline_metric - inc.margin][:3]
+        self.group_test("token ablations (L0 resid_pre at every position, group-tested)", self._token_sites())
         blocks, how = self.position_blocks(est)
         self.info["order"] = how
         if self.ranking == "attribution":  # what actually orders the exact screening
@@ -1608,12 +1606,22 @@ class _Search:
             self.info["spearman_n"] = len(ex)
             self.info["spearman_scope"] = "every single site evaluated on its own during the search"
 
+    def _token_sites(self) -> list[tuple[Intervention, ...]]:
+        """Token ablations: ``resid_pre`` of block 0 at each single prompt position, in position order."""
+        return [(c,) for c in self.cands if c.layer == 0 and c.component == "resid_pre" and c.positions != "all"
+                and len(c.positions) == 1]
+
     def singles_for_beam(self) -> None:
         """Before sets of two: every single site not yet evaluated on its own (group tests cleared it), so that the
-        beam starts from exact single-site metrics."""
+        beam starts from exact single-site metrics; then the *hot* positions: the (at most 3) non-decision
+        positions whose token ablation lowers the metric by at least the margin, strongest first."""
         rest = [(c,) for c in self.cands if _skey((c,)) not in self.evaluated]
         if rest:
             self._round("remaining single sites (exact metrics for the beam)", rest, check=False)
+        inc = self.inc
+        drops = sorted((self.evaluated[_skey(s)][1], s[0].positions[0]) for s in self._token_sites()
+                       if s[0].positions[0] != self.dec and _skey(s) in self.evaluated)
+        self.hot = [p for m, p in drops if m <= inc.baseline_metric - inc.margin][:3]
 
     def best_singles(self, beam: int) -> list[tuple[tuple[Intervention, ...], float]]:
         """Beam start: the ``beam`` single sites with the lowest metric that do not fix on their own (a superset of

@@ -59,3 +59,20 @@ def test_redundant_plant_needs_both_layers(tmp_path):
     assert res.flip_rate == 1.0 and res.side_effect_rate == 0.0
     assert any(r["round"].startswith("size 2") for r in res.ranking["rounds"])
 
+
+
+def test_token_ablations_are_group_tested_on_a_long_prompt(tmp_path):
+    """Token ablations cost far fewer rows than the prompt has tokens when few tokens matter (unions of positions
+    that do not fix are cleared in one row), and the trigger's token ablation is still evaluated on its own."""
+    path = tmp_path / "planted-long.h5"
+    with torch_threads(1):
+        h = _planted_bundle(path, (2,), words=40)
+        with open_bundle(path) as b:
+            res = run_cca(b, h, evidence=False, n_controls=0)
+            n = int(b.n_prompt_tokens)
+    tok = res.ranking["rounds"][0]
+    assert tok["round"].startswith("token ablations") and tok["sites"] == n == 41
+    assert tok["group_tests"] > 0 and tok["rows"] < n // 2, tok
+    trigger = [r for r in res.ranking["selection"] if r["set"] == [f"L0.resid_pre@{n - 1}:mean"]]
+    assert trigger, "the trigger's token ablation fixes teacher-forced and was evaluated alone"
+    assert [e.intervention.describe() for e in res.fix_set] == [f"L2.mlp@{n - 1}:mean"]
