@@ -37,6 +37,19 @@ robust z ``(A − median) / (1.4826 MAD)`` and the empirical ``p = (1 + #benign 
 97.5th percentile of the leave-one-out scores of the benign reference cells (never below 2); the share of held-out
 benign prompt × site cells it flags is then *measured* (``heldout_fpr``), never tuned on them.
 
+**Run-level verdict.** A run has 12 to 24 sites, so a per-site threshold at ~2.5 % flags some site of a sizeable
+share of benign prompts. The run as a whole is judged by a max-statistic (family-wise) test: ``T`` = the maximum site
+``score`` of the run, compared with the same maximum of benign *calibration runs*: the run threshold is the
+``ceil(RUN_QUANTILE · (m + 1))``-th smallest of their ``m`` values (the conformal 95th percentile), the run p-value
+``(1 + #{T_j >= T}) / (1 + m)``, and the run is anomalous iff ``T >`` the run threshold. The calibration runs are a
+fixed random half of the held-out benign prompts, scored exactly as an incident is; the other half measures the
+threshold's false-positive rate (``heldout_run_fpr``), never used to set it. The benign *reference* prompts' own
+maxima (of their leave-one-out cell scores, ``T_i``) are the fallback when there are too few held-out prompts (fewer
+than ``2 · MIN_RUN_CALIBRATION``) or the baseline file predates the run verdict: on the shipped scenarios they
+under-state a new benign prompt's maximum (a held-out prompt with words or phrasings the reference set lacks has
+higher site scores than a reference prompt left out of one site's aggregate), so a threshold calibrated on them
+flags well over 5 % of held-out benign prompts on some scenarios (``docs/cf.md`` has the measured rates).
+
 **Position anomaly and candidate order.** ``CFResult.position_anomaly[p]`` is the median over the scored sites of
 the token scores at position ``p``: a token anomalous at most layers and sites is anomalous *as an input*.
 :meth:`CFResult.order_candidates` orders single-site interventions ``(layer, component, positions)`` by the position
@@ -77,6 +90,9 @@ END_ROLES = 2                 # the last END_ROLES prompt positions are compared
 ROLES = ("first", *(f"end{e}" for e in range(END_ROLES)), "body")
 FOLDS = 5                     # cross-fitting folds (by prompt token length) for the benign calibration values
 THRESHOLD_QUANTILE = 0.975    # of the leave-one-out benign reference cell scores
+RUN_QUANTILE = 0.95           # run verdict: conformal quantile of the benign calibration runs' max site score
+MIN_RUN_CALIBRATION = 19      # fewest calibration runs whose ceil(0.95 (m + 1))-th smallest exists
+RUN_SPLIT_SEED = 0            # which half of the held-out prompts calibrates the run threshold (the rest measure it)
 MIN_THRESHOLD = 2.0           # never flag below a robust z of 2
 TAIL_Z = 1.6448536269514722   # standard normal 95th percentile: a benign token's score at its role's q95
 MIN_BITS_DIM = 64             # "bits" needs rows of at least this many values to resolve differences in cost
@@ -141,6 +157,13 @@ class CFResult:
 
     ``position_anomaly`` is the per-position median of the sites' token scores (see the module docstring); it and
     the per-site ``position_scores`` give :meth:`order_candidates`.
+
+    The run-level (family-wise) verdict: ``run_statistic`` = max site ``score`` (T), ``run_threshold`` = the
+    conformal ``RUN_QUANTILE`` of the ``n_run_reference`` benign calibration runs' T (``run_calibration``:
+    ``"heldout"`` = half of the held-out prompts, ``"reference"`` = the reference prompts' leave-one-out maxima),
+    ``run_p_value`` = ``(1 + #{T_j >= T}) / (1 + n_run_reference)``, ``run_anomalous`` = ``T > run_threshold``
+    (``None``: no verdict, e.g. a partial run), ``heldout_run_fpr`` = share of the ``n_run_heldout`` held-out benign
+    runs not used for calibration whose T exceeds the run threshold (``None``: not measured).
     """
 
     statistic: str
@@ -158,6 +181,14 @@ class CFResult:
     bundle_uuid: str = ""
     position_anomaly: tuple[float, ...] = ()
     n_prompt_tokens: int = 0
+    run_statistic: float = float("nan")
+    run_threshold: float = float("nan")
+    run_p_value: float = float("nan")
+    run_anomalous: bool | None = None
+    heldout_run_fpr: float | None = None
+    n_run_reference: int = 0
+    run_calibration: str = ""
+    n_run_heldout: int = 0
 
     SCHEMA = "forensics.cf-result/1"
 
@@ -176,6 +207,12 @@ class CFResult:
             "n_baseline_prompts": self.n_baseline_prompts, "n_heldout": self.n_heldout,
             "baseline_id": self.baseline_id, "weights_sha256": self.weights_sha256, "bundle_uuid": self.bundle_uuid,
             "seconds": self.seconds, "partial": self.partial,
+            "run_statistic": _num(self.run_statistic), "run_threshold": _num(self.run_threshold),
+            "run_p_value": _num(self.run_p_value),
+            "run_anomalous": None if self.run_anomalous is None else bool(self.run_anomalous),
+            "heldout_run_fpr": None if self.heldout_run_fpr is None else _num(self.heldout_run_fpr),
+            "n_run_reference": self.n_run_reference, "run_calibration": self.run_calibration,
+            "n_run_heldout": self.n_run_heldout,
         }
 
     @classmethod
@@ -195,7 +232,14 @@ class CFResult:
                        compressor=str(d.get("compressor", DEFAULT_COMPRESSOR)),
                        bundle_uuid=str(d.get("bundle_uuid", "")),
                        position_anomaly=tuple(_unnum(v) for v in d.get("position_anomaly", ())),
-                       n_prompt_tokens=int(d.get("n_prompt_tokens", 0)))
+                       n_prompt_tokens=int(d.get("n_prompt_tokens", 0)),
+                       run_statistic=_unnum(d.get("run_statistic")), run_threshold=_unnum(d.get("run_threshold")),
+                       run_p_value=_unnum(d.get("run_p_value")),
+                       run_anomalous=None if d.get("run_anomalous") is None else bool(d["run_anomalous"]),
+                       heldout_run_fpr=None if d.get("heldout_run_fpr") is None else float(d["heldout_run_fpr"]),
+                       n_run_reference=int(d.get("n_run_reference", 0)),
+                       run_calibration=str(d.get("run_calibration", "")),
+                       n_run_heldout=int(d.get("n_run_heldout", 0)))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CFError(f"malformed CF result: {exc}") from None
 
@@ -419,6 +463,12 @@ class Baseline:
         thresholds / heldout_fprs: per statistic; ``threshold`` and ``heldout_fpr`` are the default statistic's.
         heldout_counts: per statistic, how many held-out prompt × site cells the FPR was measured on.
         heldout_prompt_fprs: per statistic, the share of held-out prompts with at least one flagged site.
+        run_statistics: per statistic, each benign reference prompt's run statistic ``T_i`` ``[n_prompts]`` (max over
+            sites of its leave-one-out cell score): the run calibration when there is no held-out one.
+        heldout_run_statistics: per statistic, each held-out prompt's run statistic ``T_j`` ``[n_heldout]`` (max site
+            score, scored as an incident is); empty when not measured (no held-out prompts, or an older file).
+        heldout_run_calibration: ``[n_heldout]`` bool, which held-out runs calibrate the run threshold (the others
+            measure its false-positive rate); see :func:`heldout_calibration_split` and :meth:`run_calibration`.
         length_fold: prompt token length -> cross-fitting fold (empty when the folds are not by length).
         prompts_hash: sha256 over the reference and held-out prompts (cache key).
     """
@@ -437,6 +487,9 @@ class Baseline:
     heldout_fprs: dict[str, float | None]
     heldout_counts: dict[str, int] = field(default_factory=dict)
     heldout_prompt_fprs: dict[str, float | None] = field(default_factory=dict)
+    run_statistics: dict[str, np.ndarray] = field(default_factory=dict)
+    heldout_run_statistics: dict[str, np.ndarray] = field(default_factory=dict)
+    heldout_run_calibration: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     length_fold: dict[int, int] = field(default_factory=dict)
     created: str = ""
     program: str = ""
@@ -465,6 +518,32 @@ class Baseline:
     def save(self, path: str | os.PathLike) -> Path:
         return save_baseline(self, path)
 
+    def run_calibration(self, statistic: str, keys: Sequence[SiteKey] | None = None) -> "RunCalibration":
+        """The run-level verdict's calibration for a run scored on ``keys`` (default: every site of the baseline).
+
+        With held-out run statistics and a calibration half: that half's values, the threshold from them and the
+        false-positive rate measured on the other half. Otherwise the reference prompts' leave-one-out maxima, with
+        the rate measured on every held-out run when their statistics exist, else ``None``. For a subset of the
+        sites the reference maxima are recomputed over that subset from the stored aggregates, and the rate is
+        ``None`` (the held-out runs were scored on every site).
+        """
+        full = keys is None or set(keys) == set(self.sites_data)
+        held = self.heldout_run_statistics.get(statistic) if full else None
+        held = None if held is None or held.size != len(self.heldout) or not held.size else held
+        mask = np.asarray(self.heldout_run_calibration, dtype=bool)
+        if held is not None and mask.shape == held.shape and mask.any() and (~mask).any():
+            values, source, tested = held[mask], "heldout", held[~mask]
+        else:
+            if full and statistic in self.run_statistics:
+                values = self.run_statistics[statistic]
+            else:
+                values = reference_run_statistics(self.sites_data, statistic, keys)
+            source, tested = "reference", held
+        thr = conformal_threshold(values)
+        fpr = None if tested is None or not tested.size or not math.isfinite(thr) else float(np.mean(tested > thr))
+        return RunCalibration(source=source, values=np.asarray(values, dtype=np.float64), threshold=thr,
+                              heldout_fpr=fpr, n_tested=0 if fpr is None else int(tested.size))
+
     def summary(self) -> dict:
         """Plain-data description (``forensics baseline build/info``)."""
         def opt(v):
@@ -477,7 +556,13 @@ class Baseline:
                 "thresholds": {k: _num(v) for k, v in self.thresholds.items()},
                 "heldout_fprs": {k: opt(v) for k, v in self.heldout_fprs.items()},
                 "heldout_prompt_fprs": {k: opt(v) for k, v in self.heldout_prompt_fprs.items()},
-                "heldout_cells": dict(self.heldout_counts), "created": self.created, "program": self.program}
+                "heldout_cells": dict(self.heldout_counts),
+                "run_thresholds": {k: _num(self.run_calibration(k).threshold) for k in self.statistics},
+                "run_calibration": {k: self.run_calibration(k).source for k in self.statistics},
+                "n_run_calibration": {k: int(self.run_calibration(k).values.size) for k in self.statistics},
+                "heldout_run_fprs": {k: opt(self.run_calibration(k).heldout_fpr) for k in self.statistics},
+                "heldout_runs_tested": {k: self.run_calibration(k).n_tested for k in self.statistics},
+                "created": self.created, "program": self.program}
 
 
 def prompts_hash(prompts: Sequence[str], heldout: Sequence[str] = ()) -> str:
@@ -545,6 +630,87 @@ def _agg_score(agg: float, bench: np.ndarray) -> tuple[float, float]:
     z = (agg - med) / sc
     p = (1.0 + float(np.sum(bench >= agg))) / (1.0 + bench.size)
     return float(z), float(p)
+
+
+def _loo_scores(aggs: np.ndarray) -> np.ndarray:
+    """Leave-one-out score of each benign reference prompt's aggregate against the others' ``[n] -> [n]``."""
+    aggs = np.asarray(aggs, dtype=np.float64)
+    return np.array([_agg_score(float(aggs[i]), np.delete(aggs, i))[0] for i in range(aggs.size)],
+                    dtype=np.float64)
+
+
+def _max_over_sites(loo_rows: Sequence[np.ndarray]) -> np.ndarray:
+    """``[sites][n]`` leave-one-out scores → each prompt's maximum over the sites ``[n]`` (non-finite ignored)."""
+    m = np.stack([np.asarray(r, dtype=np.float64) for r in loo_rows])
+    return np.where(np.isfinite(m), m, -np.inf).max(axis=0)
+
+
+def reference_run_statistics(sites_data: Mapping[SiteKey, SiteBaseline], statistic: str,
+                             keys: Sequence[SiteKey] | None = None) -> np.ndarray:
+    """Each benign reference prompt's run statistic ``T_i`` ``[n_prompts]``: the maximum over ``keys`` (default all
+    sites) of its leave-one-out cell score, from the stored per-site aggregates (exactly as ``build_baseline``)."""
+    keys = list(sites_data) if keys is None else list(keys)
+    if not keys:
+        raise CFError("no sites to compute the run statistics over")
+    return _max_over_sites([_loo_scores(sites_data[k].agg[statistic]) for k in keys])
+
+
+def conformal_threshold(values: np.ndarray, quantile: float = RUN_QUANTILE) -> float:
+    """The ``ceil(quantile · (m + 1))``-th smallest of the ``m`` finite ``values`` (their largest when ``m`` is too
+    small for that, i.e. ``m < MIN_RUN_CALIBRATION`` at 0.95); NaN when there are none.
+
+    A new run exchangeable with the calibration runs exceeds it with probability at most ``1 - quantile`` (when
+    ``m >= MIN_RUN_CALIBRATION``).
+
+    Example:
+        >>> conformal_threshold(np.arange(1.0, 41.0))   # ceil(0.95 * 41) = 39th smallest of 1..40
+        39.0
+    """
+    v = np.sort(np.asarray(values, dtype=np.float64)[np.isfinite(values)])
+    if not v.size:
+        return float("nan")
+    k = math.ceil(round(quantile * (v.size + 1), 9))
+    return float(v[min(k, v.size) - 1])
+
+
+def heldout_calibration_split(m: int) -> np.ndarray:
+    """Which of ``m`` held-out runs calibrate the run threshold ``[m]`` bool: a fixed random half (seed
+    ``RUN_SPLIT_SEED``), the other half measures it; none when ``m < 2 · MIN_RUN_CALIBRATION``."""
+    mask = np.zeros(m, dtype=bool)
+    if m >= 2 * MIN_RUN_CALIBRATION:
+        mask[np.random.default_rng(RUN_SPLIT_SEED).permutation(m)[:(m + 1) // 2]] = True
+    return mask
+
+
+@dataclass(frozen=True)
+class RunCalibration:
+    """The run-level verdict's calibration (see :meth:`Baseline.run_calibration`).
+
+    Attributes:
+        source: ``"heldout"`` (half of the held-out runs) or ``"reference"`` (reference prompts, leave-one-out).
+        values: the calibration runs' statistics ``[m]``; p-values are computed against them.
+        threshold: :func:`conformal_threshold` of ``values``.
+        heldout_fpr: share of the held-out runs not used for calibration above ``threshold`` (``None``: not measured).
+        n_tested: how many held-out runs ``heldout_fpr`` was measured on.
+    """
+
+    source: str
+    values: np.ndarray
+    threshold: float
+    heldout_fpr: float | None
+    n_tested: int
+
+
+def run_statistic_of(scores: Sequence[LayerScore]) -> float:
+    """A run's statistic ``T``: the maximum site ``score`` (NaN when no site has a finite score)."""
+    v = [s.score for s in scores if math.isfinite(s.score)]
+    return float(max(v)) if v else float("nan")
+
+
+def run_p_value(t: float, run_stats: np.ndarray) -> float:
+    """``(1 + #{T_j >= t}) / (1 + m)`` against the benign calibration runs' statistics ``T_j``."""
+    ref = np.asarray(run_stats, dtype=np.float64)
+    return (1.0 + float(np.sum(ref >= t))) / (1.0 + ref.size)
 
 
 def _role_params(runs_x: Sequence[np.ndarray], use: Sequence[int], floor: float
@@ -632,7 +798,9 @@ def build_baseline(handle, prompts: Sequence[str], *, statistic: str | Sequence[
     hundreds of short prompts a scenario ships). Per site and role: centre and scale; the cross-fitted benign token
     statistics give the role's calibration and each prompt's aggregate. The threshold per statistic is the
     ``THRESHOLD_QUANTILE`` of the leave-one-out benign reference cell scores; the ``heldout`` prompts are then scored
-    and the flagged share of their prompt × site cells is the measured FPR.
+    and the flagged share of their prompt × site cells is the measured FPR. Each held-out prompt's maximum site score
+    is kept: half of them calibrate the run-level verdict, the other half measure its false-positive rate
+    (:meth:`Baseline.run_calibration`); each reference prompt's maximum leave-one-out cell score is kept too.
 
     Example:
         >>> base = build_baseline(handle, benign_prompts, heldout=more_benign_prompts)  # doctest: +SKIP
@@ -676,44 +844,49 @@ def build_baseline(handle, prompts: Sequence[str], *, statistic: str | Sequence[
     folds = length_folds(lengths)
     length_fold = {} if len(set(lengths)) < 2 else {int(n): int(f) for n, f in zip(lengths, folds)}
     data: dict[SiteKey, SiteBaseline] = {}
-    loo: dict[str, list[float]] = {s: [] for s in stats}
+    loo: dict[str, list[np.ndarray]] = {s: [] for s in stats}
     for n, key in enumerate(keys):
         if _cancelled(cancel):
             raise BaselineError("baseline build cancelled")
         sb = _calibrate_site([r[key] for r in runs], stats, compressor, levels, folds)
         for st in stats:
-            aggs = sb.agg[st]
-            for i in range(aggs.size):  # leave-one-out score of each benign reference cell
-                loo[st].append(_agg_score(float(aggs[i]), np.delete(aggs, i))[0])
+            loo[st].append(_loo_scores(sb.agg[st]))  # leave-one-out score of each benign reference cell
         data[key] = sb
         if progress:
             progress(len(prompts) + n + 1, total, f"baseline: calibrating layer {key[0]} {key[1]}")
     del runs
-    thresholds = {st: max(MIN_THRESHOLD, float(np.quantile(np.array(loo[st]), THRESHOLD_QUANTILE))) for st in stats}
+    thresholds = {st: max(MIN_THRESHOLD, float(np.quantile(np.concatenate(loo[st]), THRESHOLD_QUANTILE)))
+                  for st in stats}
+    run_stats = {st: _max_over_sites(loo[st]) for st in stats}  # T_i: each reference prompt's max over sites
     base = Baseline(weights_sha256=handle.weights_sha256(), n_layers=handle.n_layers, sites=tuple(sites),
                     d_model=int(handle.d_model), statistics=stats, compressor=compressor, levels=levels,
                     prompts=prompts, heldout=heldout, sites_data=data, thresholds=thresholds,
                     heldout_fprs={st: None for st in stats}, heldout_prompt_fprs={st: None for st in stats},
-                    length_fold=length_fold, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    program=_program())
+                    run_statistics=run_stats, length_fold=length_fold,
+                    created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), program=_program())
     base.baseline_id = hashlib.sha256((base.weights_sha256 + base.prompts_hash + ",".join(stats) + compressor
                                        + str(levels) + f"v{SCHEMA_VERSION}").encode()).hexdigest()[:16]
     if heldout:
         flagged = {st: 0 for st in stats}
         prompts_flagged = {st: 0 for st in stats}
+        heldout_t: dict[str, list[float]] = {st: [] for st in stats}
         for n, p in enumerate(heldout):
             if _cancelled(cancel):
                 raise BaselineError("baseline build cancelled")
             acts = _forward_sites(handle, p, keys)
             for st in stats:
-                k = sum(score_site(base, key, acts[key], acts[key].shape[0], st).flagged for key in keys)
+                sc = [score_site(base, key, acts[key], acts[key].shape[0], st) for key in keys]
+                k = sum(s.flagged for s in sc)
                 flagged[st] += k
                 prompts_flagged[st] += k > 0
+                heldout_t[st].append(run_statistic_of(sc))  # the held-out run's statistic T
             if progress:
                 progress(len(prompts) + len(keys) + n + 1, total, "baseline: held-out benign runs")
         cells = len(heldout) * len(keys)
         base.heldout_fprs = {st: flagged[st] / cells for st in stats}
         base.heldout_prompt_fprs = {st: prompts_flagged[st] / len(heldout) for st in stats}
+        base.heldout_run_statistics = {st: np.array(heldout_t[st], dtype=np.float64) for st in stats}
+        base.heldout_run_calibration = heldout_calibration_split(len(heldout))
         base.heldout_counts = {st: cells for st in stats}
     return base
 
@@ -813,6 +986,9 @@ def save_baseline(base: Baseline, path: str | os.PathLike) -> Path:
             st = h5py.string_dtype()
             f.create_dataset("prompts", data=np.array(base.prompts, dtype=object), dtype=st)
             f.create_dataset("heldout", data=np.array(base.heldout, dtype=object), dtype=st)
+            f.attrs["run_quantile"] = RUN_QUANTILE
+            if base.heldout_run_calibration.size == len(base.heldout) and base.heldout_run_statistics:
+                f.create_dataset("heldout_run_calibration", data=base.heldout_run_calibration.astype(np.uint8))
             gs = f.create_group("statistics")
             for s in base.statistics:
                 h = gs.create_group(s)
@@ -822,6 +998,16 @@ def save_baseline(base: Baseline, path: str | os.PathLike) -> Path:
                 pf = base.heldout_prompt_fprs.get(s)
                 h.attrs["heldout_prompt_fpr"] = float("nan") if pf is None else float(pf)
                 h.attrs["heldout_cells"] = int(base.heldout_counts.get(s, 0))
+                rc = base.run_calibration(s)
+                h.attrs["run_threshold"] = float(rc.threshold)
+                h.attrs["run_calibration"] = rc.source
+                h.attrs["heldout_run_fpr"] = float("nan") if rc.heldout_fpr is None else float(rc.heldout_fpr)
+                ref = base.run_statistics.get(s)
+                ref = reference_run_statistics(base.sites_data, s) if ref is None else ref
+                h.create_dataset("run_statistics", data=np.asarray(ref, dtype=np.float64))
+                held = base.heldout_run_statistics.get(s)
+                if held is not None and held.size == len(base.heldout) and held.size:
+                    h.create_dataset("heldout_run_statistics", data=np.asarray(held, dtype=np.float64))
             g = f.create_group("sites")
             for (layer, site), sb in base.sites_data.items():
                 h = g.require_group(f"L{layer:03d}").create_group(site)
@@ -932,6 +1118,8 @@ def load_baseline(path: str | os.PathLike, *, weights_sha256: str | None = None)
                         sb.agg[s] = h[f"{s}_agg"][()].astype(np.float64)
                     data[(layer, site)] = sb
             thresholds, fprs, pfprs, counts = {}, {}, {}, {}
+            run_stats, held_stats = {}, {}
+            n_prompts, n_heldout = int(f["prompts"].shape[0]), int(f["heldout"].shape[0])
             for s in stats:
                 g = f[f"statistics/{s}"]
                 thresholds[s] = float(attr(g, "threshold", f"/statistics/{s}"))
@@ -940,11 +1128,31 @@ def load_baseline(path: str | os.PathLike, *, weights_sha256: str | None = None)
                 v = float(attr(g, "heldout_prompt_fpr", f"/statistics/{s}"))
                 pfprs[s] = None if math.isnan(v) else v
                 counts[s] = int(attr(g, "heldout_cells", f"/statistics/{s}"))
+                for sb in data.values():
+                    if sb.agg[s].shape != (n_prompts,):
+                        raise BaselineError(f"{path.name}: a {s}_agg dataset is not [{n_prompts}]")
+                if "run_statistics" in g:
+                    run_stats[s] = g["run_statistics"][()].astype(np.float64)
+                    if run_stats[s].shape != (n_prompts,):
+                        raise BaselineError(f"{path.name}: /statistics/{s}/run_statistics is not [{n_prompts}]")
+                else:  # written before the run-level verdict: T_i recomputed from the aggregates, as build does
+                    run_stats[s] = reference_run_statistics(data, s)
+                if "heldout_run_statistics" in g:  # absent (older file, no held-out prompts): not measured
+                    held_stats[s] = g["heldout_run_statistics"][()].astype(np.float64)
+                    if held_stats[s].shape != (n_heldout,):
+                        raise BaselineError(f"{path.name}: /statistics/{s}/heldout_run_statistics is not "
+                                            f"[{n_heldout}]")
+            split = f["heldout_run_calibration"][()].astype(bool) if "heldout_run_calibration" in f else \
+                np.zeros(0, dtype=bool)
+            if held_stats and split.shape != (n_heldout,):
+                raise BaselineError(f"{path.name}: /heldout_run_calibration is not [{n_heldout}]")
             base = Baseline(weights_sha256=sha, n_layers=n_layers, sites=sites, d_model=d_model,
                             statistics=stats, compressor=str(attr(f, "compressor")), levels=int(attr(f, "levels")),
                             prompts=[_text(v) for v in f["prompts"][()]], heldout=[_text(v) for v in f["heldout"][()]],
                             sites_data=data, thresholds=thresholds, heldout_fprs=fprs, heldout_counts=counts,
-                            heldout_prompt_fprs=pfprs, created=str(attr(f, "created")),
+                            heldout_prompt_fprs=pfprs, run_statistics=run_stats,
+                            heldout_run_statistics=held_stats, heldout_run_calibration=split,
+                            created=str(attr(f, "created")),
                             program=str(attr(f, "program")), baseline_id=str(attr(f, "baseline_id")))
             stored_hash = str(attr(f, "prompts_hash"))
             lf = f["length_fold"][()]
@@ -975,7 +1183,9 @@ def baseline_cache_paths(bundle_path: Path, sha: str) -> list[Path]:
 
 def _fits(base: Baseline, sha: str, statistic: str, prompts, heldout, compressor: str) -> bool:
     return (base.weights_sha256 == sha and statistic in base.statistics and base.compressor == compressor
-            and base.prompts_hash == prompts_hash(prompts, heldout))
+            and base.prompts_hash == prompts_hash(prompts, heldout)
+            # a file written before the run verdict lacks the held-out runs' statistics: rebuilt once to measure them
+            and (not heldout or statistic in base.heldout_run_statistics))
 
 
 def bundle_prompts(bundle) -> tuple[list[str], list[str]]:
@@ -1112,9 +1322,16 @@ def run_cf(bundle, handle=None, *, baseline: Baseline | None = None, statistic: 
         if progress:
             progress(n + 1, len(keys), f"CF: layer {key[0]} {key[1]}")
     thr = baseline.thresholds[statistic]
+    rc = baseline.run_calibration(statistic, keys)
+    run_t = float("nan") if partial else run_statistic_of(scores)  # a partial run claims no verdict
+    verdict = math.isfinite(run_t) and math.isfinite(rc.threshold)
     return CFResult(statistic=statistic, threshold=thr, scores=scores, findings=findings_from(scores, thr),
                     heldout_fpr=baseline.heldout_fprs.get(statistic), baseline_id=baseline.baseline_id,
                     weights_sha256=sha, seconds=time.perf_counter() - t0, partial=partial,
                     n_baseline_prompts=baseline.n_prompts, n_heldout=len(baseline.heldout),
                     compressor=baseline.compressor, bundle_uuid=bundle.uuid,
-                    position_anomaly=position_anomaly(scores), n_prompt_tokens=int(bundle.n_prompt_tokens))
+                    position_anomaly=position_anomaly(scores), n_prompt_tokens=int(bundle.n_prompt_tokens),
+                    run_statistic=run_t, run_threshold=rc.threshold,
+                    run_p_value=run_p_value(run_t, rc.values) if verdict else float("nan"),
+                    run_anomalous=bool(run_t > rc.threshold) if verdict else None, heldout_run_fpr=rc.heldout_fpr,
+                    n_run_reference=int(rc.values.size), run_calibration=rc.source, n_run_heldout=rc.n_tested)

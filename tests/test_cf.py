@@ -7,6 +7,7 @@ made of its vocabulary; the real case is the shipped ``gpt2-prompt-injection`` d
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -148,6 +149,112 @@ def test_length_folds_keep_one_length_together():
         assert all(f == b for L, f in zip(lengths, folds) if L == a)
 
 
+# ----- the run-level (family-wise) verdict -----------------------------------------------------------------------
+def test_conformal_threshold_and_the_heldout_split():
+    v = np.arange(1.0, 41.0)
+    assert cf.conformal_threshold(v) == 39.0                        # ceil(0.95 * 41) = 39th smallest of 40
+    assert cf.conformal_threshold(np.r_[v, np.nan, np.inf]) == 39.0  # non-finite values are not runs
+    assert cf.conformal_threshold(v[:10]) == 10.0                    # too few for the 95th: the largest
+    assert math.isnan(cf.conformal_threshold(np.array([])))
+    assert cf.run_p_value(39.5, v) == pytest.approx(2 / 41) and cf.run_p_value(0.0, v) == 1.0
+    split = cf.heldout_calibration_split(96)
+    assert split.sum() == 48 and not split[:48].all()                # a random half, not the first half
+    assert np.array_equal(split, cf.heldout_calibration_split(96))   # the same half every time
+    assert not cf.heldout_calibration_split(2 * cf.MIN_RUN_CALIBRATION - 1).any()  # too few: reference calibration
+
+
+def test_demo_incident_is_anomalous_as_a_run(demo):
+    base, res = demo["base"], demo["res"]
+    assert res.run_anomalous is True and not res.partial
+    assert res.run_statistic == max(s.score for s in res.scores) > res.run_threshold
+    # calibrated on one half of the held-out benign runs, measured on the other half
+    held = base.heldout_run_statistics["distance"]
+    split = base.heldout_run_calibration
+    assert held.shape == (len(base.heldout),) and 0 < split.sum() < split.size
+    assert res.run_calibration == "heldout" and res.n_run_reference == split.sum()
+    assert res.run_threshold == cf.conformal_threshold(held[split])
+    assert res.run_p_value == pytest.approx((1 + np.sum(held[split] >= res.run_statistic)) / (1 + split.sum()))
+    assert res.run_p_value <= 0.05
+    assert res.n_run_heldout == (~split).sum()
+    assert res.heldout_run_fpr == pytest.approx(np.mean(held[~split] > res.run_threshold))
+    # the per-site numbers CCA relies on are those of the site test, untouched by the run verdict
+    assert res.threshold == base.thresholds["distance"] and res.findings == cf.findings_from(res.scores, res.threshold)
+
+
+def test_benign_run_is_not_anomalous_as_a_run(demo, benign_run):
+    acts, n = benign_run
+    base = demo["base"]
+    for st in cf.STATISTICS:
+        scores, _ = cf.score_activations(base, acts, n, statistic=st)
+        rc = base.run_calibration(st)
+        t = cf.run_statistic_of(scores)
+        assert t <= rc.threshold, (st, t, rc.threshold)
+        assert cf.run_p_value(t, rc.values) > 0.05
+    # while the incident's run statistic is far above the same threshold
+    assert demo["res"].run_statistic > 3 * base.run_calibration("distance").threshold
+
+
+def test_run_statistics_are_the_reference_prompts_max_leave_one_out_scores(tiny_base, tmp_path):
+    path = tiny_base.save(tmp_path / "tiny.baseline.h5")
+    back = cf.load_baseline(path)
+    st = "distance"
+    # recomputed from the stored per-site aggregates, independently of the engine's helpers
+    loo = np.array([[cf._agg_score(float(sb.agg[st][i]), np.delete(sb.agg[st], i))[0]
+                     for i in range(back.n_prompts)] for sb in back.sites_data.values()])
+    assert np.array_equal(back.run_statistics[st], loo.max(axis=0))
+    assert np.array_equal(back.run_statistics[st], tiny_base.run_statistics[st])
+    # 30 held-out prompts are too few to split: the reference runs calibrate, every held-out run measures
+    rc = back.run_calibration(st)
+    assert rc.source == "reference" and rc.threshold == cf.conformal_threshold(loo.max(axis=0))
+    with h5py.File(path, "r") as f:
+        assert f["statistics/distance"].attrs["run_threshold"] == rc.threshold
+        held = f["statistics/distance/heldout_run_statistics"][()]
+        assert f["statistics/distance"].attrs["heldout_run_fpr"] == pytest.approx(np.mean(held > rc.threshold))
+    assert rc.n_tested == 30 and rc.heldout_fpr == pytest.approx(np.mean(held > rc.threshold))
+
+
+def test_old_baseline_file_still_gives_a_verdict(demo, tmp_path):
+    import shutil
+
+    path = shutil.copy(demo["path"], tmp_path / "old.baseline.h5")
+    with h5py.File(path, "r+") as f:                    # as written before the run-level verdict existed
+        del f["heldout_run_calibration"]
+        del f.attrs["run_quantile"]
+        for st in f["statistics"]:
+            g = f["statistics"][st]
+            del g["run_statistics"], g["heldout_run_statistics"]
+            for a in ("run_threshold", "run_calibration", "heldout_run_fpr"):
+                del g.attrs[a]
+    old = cf.load_baseline(path, weights_sha256=demo["base"].weights_sha256)
+    assert old.summary()["thresholds"] == demo["base"].summary()["thresholds"]   # the site test is unchanged
+    for st in cf.STATISTICS:
+        assert np.array_equal(old.run_statistics[st], demo["base"].run_statistics[st])  # recomputed on load
+        rc = old.run_calibration(st)
+        assert rc.source == "reference" and rc.heldout_fpr is None and rc.n_tested == 0
+        assert rc.threshold == cf.conformal_threshold(demo["base"].run_statistics[st])
+    res = cf.run_cf(demo["bundle"], demo["handle"], baseline=old, statistic="distance")
+    assert res.run_anomalous is True and res.heldout_run_fpr is None and res.run_calibration == "reference"
+    assert res.n_run_reference == old.n_prompts and res.scores == demo["res"].scores
+    # found in the cache, such a file is rebuilt once (to measure the held-out runs), not used as it is
+    prompts, heldout = cf.bundle_prompts(demo["bundle"])
+    sha = demo["base"].weights_sha256
+    assert cf._fits(demo["base"], sha, "distance", prompts, heldout, "zlib")
+    assert not cf._fits(old, sha, "distance", prompts, heldout, "zlib")
+
+
+def test_run_verdict_round_trips_and_older_results_have_none(demo):
+    d = json.loads(json.dumps(demo["res"].to_dict()))
+    assert d["run_anomalous"] is True and d["run_calibration"] == "heldout"
+    back = cf.CFResult.from_dict(d)
+    for name in ("run_statistic", "run_threshold", "run_p_value", "run_anomalous", "heldout_run_fpr",
+                 "n_run_reference", "run_calibration", "n_run_heldout"):
+        assert getattr(back, name) == getattr(demo["res"], name), name
+    older = {k: v for k, v in d.items() if not k.startswith(("run_", "heldout_run", "n_run"))}
+    old = cf.CFResult.from_dict(older)
+    assert old.run_anomalous is None and old.heldout_run_fpr is None and math.isnan(old.run_p_value)
+    assert old.ranking() == demo["res"].ranking()
+
+
 # ----- the baseline file ----------------------------------------------------------------------------------------
 def test_baseline_round_trip_scores_identically(tiny_gpt2, tiny_base, tmp_path):
     acts = cf._forward_sites(tiny_gpt2, _sentences(3, 1)[0], KEYS)
@@ -223,10 +330,12 @@ def test_cancel_returns_a_partial_result_in_layer_order(demo):
     assert seen == [(0, "resid_pre"), (0, "attn"), (0, "mlp")]
     assert progress == [(1, 16), (2, 16), (3, 16)]
     assert res.scores == demo["res"].scores[:3]          # what was scored is what a full run scores
+    assert res.run_anomalous is None and math.isnan(res.run_p_value)   # a partial run claims no run verdict
+    assert res.to_dict()["run_anomalous"] is None
     # cancelled before anything: no baseline to build, an empty partial result
     cancel.set()
     empty = cf.run_cf(b, handle, statistic="distance", cancel=cancel)
-    assert empty.partial and empty.scores == []
+    assert empty.partial and empty.scores == [] and empty.run_anomalous is None
 
 
 # ----- the CLI --------------------------------------------------------------------------------------------------
@@ -250,10 +359,26 @@ def test_cli_cf_json_and_text(demo, capsys, tmp_path):
     assert {"layer", "site", "score", "p_value", "flagged", "position_scores"} <= set(d["scores"][0])
     assert json.loads((tmp_path / "cf.json").read_text()) == d
     assert cf.CFResult.from_dict(d).ranking() == demo["res"].ranking()
+    res = demo["res"]
+    assert d["run_anomalous"] is True and d["run_threshold"] == pytest.approx(res.run_threshold)
+    assert d["heldout_run_fpr"] == pytest.approx(res.heldout_run_fpr) and d["run_p_value"] == res.run_p_value
+    rc, out, err = _cli(capsys, "cf", bundle, "--baseline", demo["path"])
+    assert rc == 0, err
+    line = next(x for x in out.splitlines() if "run verdict" in x)
+    assert line.strip().startswith("run verdict: ANOMALOUS")
+    from workbench.cli_cf import _score
+
+    assert f"> run threshold {_score(res.run_threshold)} " in line and f"p = {res.run_p_value:.3g}" in line
+    assert f"held-out benign runs flagged: {res.heldout_run_fpr:.1%} of {res.n_run_heldout} others" in line
     rc, out, err = _cli(capsys, "cf", bundle, "--baseline", demo["path"], "--statistic", "bits")
     assert rc == 0, err
     assert "statistic=bits" in out and "held-out benign false-positive rate" in out and "findings" in out
     assert f"{demo['base'].heldout_fprs['bits']:.1%}" in out
+    rc, out, err = _cli(capsys, "baseline", "info", demo["path"])
+    assert rc == 0, err
+    rcal = demo["base"].run_calibration("distance")
+    assert (f"run verdict: threshold {_score(rcal.threshold)} (conformal 95th percentile of {rcal.values.size} "
+            f"held-out benign calibration runs); held-out benign runs flagged: {rcal.heldout_fpr:.1%}") in out
 
 
 def test_cli_bad_input_is_one_line(demo, tiny_base, capsys, tmp_path):

@@ -68,6 +68,43 @@ def _pct(x) -> str:
     return "not measured" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1%}"
 
 
+def _score(x) -> str:
+    """A score for a person: one decimal from 10 on, two below (no exponent for 2792.2)."""
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    return f"{x:.1f}" if abs(x) >= 10 else f"{x:.2f}"
+
+
+def _calibration_words(source: str, n: int) -> str:
+    return (f"{n} held-out benign calibration runs" if source == "heldout" else
+            f"{n} benign reference runs, leave-one-out")
+
+
+def _run_fpr_words(fpr, n_tested: int, source: str, n_heldout: int) -> str:
+    if fpr is None:
+        why = ("the baseline holds no held-out prompts" if not n_heldout else
+               "rebuild the baseline with `forensics baseline build` to measure it")
+        return f"not measured ({why})"
+    others = " others" if source == "heldout" else ""
+    return f"{fpr:.1%} of {n_tested}{others} (target <= 5%)"
+
+
+def run_verdict_line(res) -> str:
+    """The run-level (family-wise) verdict of a ``CFResult`` in one line."""
+    from engine.cf import RUN_QUANTILE
+
+    fpr = _run_fpr_words(res.heldout_run_fpr, res.n_run_heldout, res.run_calibration, res.n_heldout)
+    if res.run_anomalous is None:
+        why = "partial run: not every site was scored" if res.partial else "no site has a finite score"
+        return f"run verdict: none ({why}); held-out benign runs flagged: {fpr}"
+    top = max((s for s in res.scores if math.isfinite(s.score)), key=lambda s: s.score)
+    word, rel = ("ANOMALOUS", ">") if res.run_anomalous else ("not anomalous", "<=")
+    return (f"run verdict: {word} — max site score {_score(res.run_statistic)} (L{top.layer} {top.site}) {rel} run "
+            f"threshold {_score(res.run_threshold)} (conformal {RUN_QUANTILE * 100:.0f}th percentile of "
+            f"{_calibration_words(res.run_calibration, res.n_run_reference)}; p = {res.run_p_value:.3g}); "
+            f"held-out benign runs flagged: {fpr}")
+
+
 def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
@@ -122,6 +159,7 @@ def _print_cf(args, bundle, res, source: str, seconds: float) -> None:
           f"{res.n_heldout} held-out")
     print(f"  threshold {res.threshold:.3g} (97.5th percentile of leave-one-out benign reference scores); "
           f"held-out benign false-positive rate {_pct(res.heldout_fpr)} of prompt x site cells (target <= 5%)")
+    print(f"  {run_verdict_line(res)}")
     print("  per-layer anomaly score (robust z against the benign prompts; * = above the threshold):")
     print("    layer " + "".join(f"{s:>14s}" for s in sites))
     for layer in sorted({x.layer for x in res.scores}):
@@ -159,6 +197,12 @@ def _summary_lines(summary: dict) -> list[str]:
         out.append(f"  {st:8s}: threshold {summary['thresholds'][st]:.3g}; held-out false-positive rate "
                    f"{_pct(summary['heldout_fprs'].get(st))} of {summary['heldout_cells'].get(st, 0)} prompt x site "
                    f"cells ({_pct(summary['heldout_prompt_fprs'].get(st))} of prompts with any flag)")
+        src = summary["run_calibration"][st]
+        fpr = _run_fpr_words(summary["heldout_run_fprs"][st], summary["heldout_runs_tested"][st], src,
+                             summary["n_heldout"])
+        out.append(f"  {'':8s}  run verdict: threshold {_score(summary['run_thresholds'][st])} (conformal 95th "
+                   f"percentile of {_calibration_words(src, summary['n_run_calibration'][st])}); held-out benign runs "
+                   f"flagged: {fpr}")
     return out
 
 
