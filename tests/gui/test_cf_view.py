@@ -60,6 +60,7 @@ def test_cf_run_fills_plot_live_and_bar_click_jumps(qtbot, session):
     view.show()
     qtbot.waitExposed(view)
     assert view.run_button.isEnabled() and not view.cancel_button.isEnabled()
+    assert not view.verdict_badge.isVisible()              # no run verdict before a run
     live_counts = []
     session.runner.progress.connect(lambda name, data: live_counts.append(len(view.plot.scores)))
     with qtbot.waitSignal(session.cf_changed, timeout=120_000) as blocker:
@@ -80,6 +81,14 @@ def test_cf_run_fills_plot_live_and_bar_click_jumps(qtbot, session):
     assert view.plot.threshold_line.isVisible()
     assert view.plot.threshold_line.value() == pytest.approx(res.threshold)
     assert view.findings.rowCount() == len(res.findings)
+    # the run-level verdict: the demo incident is anomalous as a whole, with the measured held-out rate beside it
+    assert res.run_anomalous is True
+    assert view.verdict_badge.isVisible() and view.verdict_badge.text() == "Run ANOMALOUS"
+    detail = view.verdict_label.text()
+    assert f"max site score {max(s.score for s in res.scores):.1f} > run threshold" in detail
+    assert f"p = {res.run_p_value:.3g}" in detail
+    assert f"held-out benign runs flagged: {res.heldout_run_fpr:.1%} of {res.n_run_heldout}" in detail
+    assert view.verdict_label.geometry().right() <= view.width()   # wraps inside the view, not past its edge
     if res.findings:
         top = res.findings[0]
         assert view.findings.item(0, 1).text() == str(top.layer) and view.findings.item(0, 2).text() == top.site

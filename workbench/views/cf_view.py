@@ -4,7 +4,9 @@ The CF job runs on the engine thread (``engine.cf.run_cf`` with ``on_layer`` →
 signal).  The view's slots only store what arrives; a ~10 Hz :class:`QTimer` redraws the bar plot from the latest
 state and stops once the run is over.  Clicking a bar (or a row of the findings table) emits
 ``session.site_requested(layer, site)`` so the layer browser jumps there.  The final result is published with
-``session.set_cf``.
+``session.set_cf``.  Under the state line a badge gives the run-level (family-wise) verdict: is the run as a whole
+anomalous (its maximum site score above the run threshold calibrated on benign runs), with the share of held-out
+benign runs that threshold flags.
 """
 
 from __future__ import annotations
@@ -15,11 +17,40 @@ from PySide6.QtCore import Qt, QTimer, Slot
 from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QHBoxLayout, QHeaderView, QLabel, QProgressBar,
                                QPushButton, QSplitter, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
 
+from workbench.views.incident import FAIL_BG, FAIL_FG
 from workbench.views.plots import AnomalyBarPlot, _fmt
 
 JOB = "cf"
 _DEFAULT_STATISTICS = ("bits", "distance")
 _UNITS = {"bits": "bits/value", "distance": "distance from benign mean"}
+_BADGE = {True: (FAIL_BG, FAIL_FG), False: ("#c9f0c9", "#145214"), None: ("#e4e4e4", "#444")}
+
+
+def _score(x) -> str:
+    """A score for a person: one decimal from 10 on, two below (2792.2, not 2.79e+03)."""
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    return f"{x:.1f}" if abs(x) >= 10 else f"{x:.2f}"
+
+
+def run_verdict_text(result) -> tuple[str, str]:
+    """``(badge, detail)`` of a ``CFResult``'s run-level verdict, as the view shows them."""
+    if result.heldout_run_fpr is None:
+        fpr = "held-out benign runs flagged: not measured"
+    else:
+        fpr = (f"held-out benign runs flagged: {result.heldout_run_fpr:.1%} of {result.n_run_heldout}"
+               + (" others" if result.run_calibration == "heldout" else "") + " (target ≤ 5%)")
+    if result.run_anomalous is None:
+        why = ("partial run: not every site was scored" if result.partial else
+               "no site has a finite score" if result.run_calibration else
+               "this CF result predates the run-level verdict; run CF again")
+        return "No run verdict", f"{why}. {fpr[0].upper()}{fpr[1:]}."
+    calib = ("held-out benign calibration runs" if result.run_calibration == "heldout" else
+             "benign reference runs")
+    rel = ">" if result.run_anomalous else "≤"
+    return ("Run ANOMALOUS" if result.run_anomalous else "Run not anomalous",
+            f"max site score {_score(result.run_statistic)} {rel} run threshold {_score(result.run_threshold)}, "
+            f"p = {_fmt(result.run_p_value)} against {result.n_run_reference} {calib}; {fpr}.")
 
 
 def _cf_module():
@@ -69,6 +100,15 @@ class CFView(QWidget):
         self.progress.setFormat("%v / %m")
         self.state_label = QLabel("Open a bundle to run CF.")
         self.state_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.verdict_badge = QLabel()
+        self.verdict_badge.setToolTip(
+            "Is the run as a whole anomalous? Its largest site score is compared with the same maximum of benign runs "
+            "(a family-wise test over all sites): the run threshold is their conformal 95th percentile, so about 5% "
+            "of benign runs are called anomalous; the share of held-out benign runs it flags is measured.")
+        self.verdict_label = QLabel()
+        self.verdict_label.setWordWrap(True)
+        self.verdict_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.verdict_label.setToolTip(self.verdict_badge.toolTip())
 
         top = QHBoxLayout()
         top.addWidget(QLabel("Statistic:"))
@@ -94,9 +134,14 @@ class CFView(QWidget):
         split.setStretchFactor(0, 3)
         split.setStretchFactor(1, 2)  # the top findings in view under the plot (no minimum height: small screens)
 
+        verdict = QHBoxLayout()
+        verdict.addWidget(self.verdict_badge, 0, Qt.AlignmentFlag.AlignVCenter)
+        verdict.addWidget(self.verdict_label, 1)
+
         lay = QVBoxLayout(self)
         lay.addLayout(top)
         lay.addWidget(self.state_label)
+        lay.addLayout(verdict)
         lay.addWidget(split, 1)
 
         self.timer = QTimer(self)
@@ -116,6 +161,7 @@ class CFView(QWidget):
 
         if session.bundle is not None:
             self._on_bundle_opened(session.bundle)
+        self._show_verdict(None)
         if session.cf is not None:
             self._on_cf_changed(session.cf)
         self._update_enabled()
@@ -156,6 +202,7 @@ class CFView(QWidget):
         self.result = None
         self._live = {}
         self._dirty = True
+        self._show_verdict(None)
         self.plot.configure(bundle.sites, bundle.n_layers, _UNITS.get(statistic, statistic))
         self.findings.setRowCount(0)
         n_cells = bundle.n_layers * len(bundle.sites)
@@ -229,6 +276,7 @@ class CFView(QWidget):
     def _on_bundle_opened(self, bundle) -> None:
         self.result = None
         self._live = {}
+        self._show_verdict(None)
         self.plot.configure(bundle.sites, bundle.n_layers, _UNITS.get(self.statistic.currentData(), ""))
         self.findings.setRowCount(0)
         self.progress.setRange(0, max(1, bundle.n_layers * len(bundle.sites)))
@@ -241,6 +289,7 @@ class CFView(QWidget):
         self.timer.stop()
         self.result = None
         self._live = {}
+        self._show_verdict(None)
         self.plot.configure([], 0)
         self.findings.setRowCount(0)
         self.progress.setValue(0)
@@ -267,7 +316,23 @@ class CFView(QWidget):
             ("PARTIAL (cancelled): " if result.partial else "") +
             f"CF ({result.statistic}) scored {len(result.scores)} cells in {result.seconds:.1f} s: {flagged} above "
             f"threshold {_fmt(result.threshold)}{fpr}. Click a bar to show that site.")
+        self._show_verdict(result)
         self._update_enabled()
+
+    def _show_verdict(self, result) -> None:
+        """The run-level verdict badge and its line; hidden until there is a result."""
+        self.verdict_badge.setVisible(result is not None)
+        self.verdict_label.setVisible(result is not None)
+        if result is None:
+            self.verdict_badge.clear()
+            self.verdict_label.clear()
+            return
+        badge, detail = run_verdict_text(result)
+        bg, fg = _BADGE[result.run_anomalous]
+        self.verdict_badge.setText(badge)
+        self.verdict_badge.setStyleSheet(f"QLabel {{ background: {bg}; color: {fg}; font-weight: bold; "
+                                         f"padding: 2px 8px; border-radius: 3px; }}")
+        self.verdict_label.setText(detail)
 
     def _fill_findings(self, result) -> None:
         rows = result.findings
