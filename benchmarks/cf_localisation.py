@@ -25,6 +25,15 @@ reused when already there):
    visited in uniformly random order, ``(n + 1) / (k + 1)``) and **layer order** (the order ``candidate_sites``
    enumerates: layer, component, position). The target is CF-guided <= 50% of the random-order search.
 
+4. **Run-level verdict, per statistic** — ``CFResult.run_anomalous``: is the incident anomalous as a whole (its
+   maximum site score above the run threshold, calibrated on half of the held-out benign prompts; see docs/cf.md)?
+   Printed: the run threshold, the incident's maximum site score and run p-value, and the **held-out family-wise
+   false-positive rate**: the share of the other half of the held-out benign prompts whose maximum site score is
+   above the threshold (target <= 5%), beside the per-prompt any-flag rate of the site threshold. For context, from
+   the stored run statistics: the mean of that rate over ``SPLITS`` random calibration/measurement splits (what the
+   method gives on average, as opposed to this one split), and the rate the reference prompts' leave-one-out maxima
+   would give as calibration (on all held-out prompts).
+
 Finally the statistic that localises better (fewer candidates visited, summed over the scenarios as fractions of
 each space; FPR target met) is named, and compared with ``engine.cf.DEFAULT_STATISTIC``. ``--write-doc`` rewrites
 the measured table in ``docs/cf.md`` (between the ``cf_localisation`` markers) from this run's numbers.
@@ -38,6 +47,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -58,6 +68,7 @@ from engine.replay import load_bundle_model  # noqa: E402
 
 SCENARIOS = ("gpt2-prompt-injection", "gpt2-toxic-generation", "llama-secret-leak", "bert-sentiment-bypass")
 FPR_TARGET = 0.05
+SPLITS = 1000     # random calibration/measurement splits of the held-out runs, for the mean family-wise rate
 RATIO_TARGET = 0.50
 DOC = ROOT / "docs" / "cf.md"
 BEGIN, END = "<!-- cf_localisation:begin -->", "<!-- cf_localisation:end -->"
@@ -151,12 +162,60 @@ def measure(name: str, work: Path) -> dict:
             if visits is not None and k:
                 d["ratio_random"] = visits / out["random_expected_visits"]
                 d["ratio_layer"] = visits / out["layer_order_visits"]
+            d.update(_run_level(base, res, st))
             out["stats"][st] = d
     return out
 
 
+def _run_level(base, res, st: str) -> dict:
+    """The run-level verdict of the incident and the family-wise false-positive rates of the baseline."""
+    import numpy as np
+
+    rc = base.run_calibration(st)
+    d = {"run_calibration": rc.source, "run_threshold": rc.threshold, "n_run_calibration": int(rc.values.size),
+         "heldout_run_fpr": rc.heldout_fpr, "heldout_runs_tested": rc.n_tested,
+         "run_statistic": res.run_statistic, "run_p_value": res.run_p_value, "run_anomalous": res.run_anomalous}
+    held = base.heldout_run_statistics.get(st)
+    if held is not None and held.size:
+        d["heldout_runs_flagged"] = int(round(rc.heldout_fpr * rc.n_tested)) if rc.heldout_fpr is not None else None
+        ref_thr = cf.conformal_threshold(base.run_statistics[st])
+        d["reference_calibrated_fpr"] = float(np.mean(held > ref_thr))
+        # why the reference prompts under-state a new prompt's maximum: held-out prompts with a word none of them has
+        known = {w for p in base.prompts for w in re.findall(r"\w+", p.lower())}
+        new = np.array([bool(set(re.findall(r"\w+", p.lower())) - known) for p in base.heldout])
+        d["new_word_prompts"] = int(new.sum())
+        d["reference_calibrated_fpr_new_words"] = float(np.mean(held[new] > ref_thr)) if new.any() else None
+        d["reference_calibrated_fpr_known_words"] = float(np.mean(held[~new] > ref_thr)) if (~new).any() else None
+        split = base.heldout_run_calibration
+        if split.any():
+            rng = np.random.default_rng(1)
+            rates = []
+            for _ in range(SPLITS):
+                perm = rng.permutation(held.size)
+                c, t = perm[:int(split.sum())], perm[int(split.sum()):]
+                rates.append(float(np.mean(held[t] > cf.conformal_threshold(held[c]))))
+            d["mean_split_fpr"] = float(np.mean(rates))
+    return d
+
+
 def _f(x, spec=".1%") -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def _run_line(d: dict) -> str:
+    calib = (f"{d['n_run_calibration']} held-out calibration runs" if d["run_calibration"] == "heldout" else
+             f"{d['n_run_calibration']} reference runs (leave-one-out)")
+    verdict = {True: "ANOMALOUS", False: "not anomalous", None: "no verdict"}[d["run_anomalous"]]
+    line = (f"            run verdict {verdict}: max site score {_f(d['run_statistic'], '.4g')} vs run threshold "
+            f"{_f(d['run_threshold'], '.4g')} ({calib}), p = {_f(d['run_p_value'], '.3g')}; held-out family-wise FPR "
+            f"{_f(d['heldout_run_fpr'])} ({d.get('heldout_runs_flagged')} of {d['heldout_runs_tested']})")
+    if "mean_split_fpr" in d:
+        line += f", mean over {SPLITS} random splits {_f(d['mean_split_fpr'])}"
+    if "reference_calibrated_fpr" in d:
+        line += (f"; reference-calibrated threshold would flag {_f(d['reference_calibrated_fpr'])} of held-out runs "
+                 f"({_f(d['reference_calibrated_fpr_new_words'])} of the {d['new_word_prompts']} with a word no "
+                 f"reference prompt has, {_f(d['reference_calibrated_fpr_known_words'])} of the others)")
+    return line
 
 
 def report(rows: list[dict]) -> tuple[list[str], str, list[str]]:
@@ -191,6 +250,17 @@ def report(rows: list[dict]) -> tuple[list[str], str, list[str]]:
                     missed.append(f"MISSED {r['scenario']} {st}: CF-guided search visits {d['ratio_random']:.2f} x "
                                   f"the random-order search (target <= {RATIO_TARGET:.2f}, over by "
                                   f"{d['ratio_random'] - RATIO_TARGET:.2f})")
+            lines.append(_run_line(d))
+            if d["run_anomalous"] is not True:
+                missed.append(f"MISSED {r['scenario']} {st}: the incident is not anomalous at the run level (max site "
+                              f"score {_f(d['run_statistic'], '.3g')} <= run threshold "
+                              f"{_f(d['run_threshold'], '.3g')}, p = {_f(d['run_p_value'], '.3g')})")
+            if d["heldout_run_fpr"] is None:
+                missed.append(f"MISSED {r['scenario']} {st}: held-out family-wise FPR not measured")
+            elif d["heldout_run_fpr"] > FPR_TARGET:
+                missed.append(f"MISSED {r['scenario']} {st}: held-out family-wise FPR {d['heldout_run_fpr']:.1%} "
+                              f"({d['heldout_runs_flagged']} of {d['heldout_runs_tested']} runs) > {FPR_TARGET:.0%} "
+                              f"(over by {(d['heldout_run_fpr'] - FPR_TARGET) * 100:.1f} points)")
             if d["heldout_fpr"] is None:
                 missed.append(f"MISSED {r['scenario']} {st}: held-out FPR not measured (no held-out prompts)")
             elif d["heldout_fpr"] > FPR_TARGET:
@@ -224,17 +294,38 @@ def doc_table(rows: list[dict], better: str, missed: list[str]) -> str:
            f"n = single-site candidates (CCA's space), k = candidates whose mean ablation flips the output; "
            f"*visits* = candidates a search visits until its first flipping one; random = (n + 1)/(k + 1).",
            "",
-           "| scenario | n | k | statistic | held-out FPR (cells) | prompts with a flag | best fix rank | "
-           "CF visits | random | layer order | CF / random |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| scenario | n | k | statistic | held-out FPR (cells) | prompts with a flag | runs flagged (run verdict) | "
+           "incident run verdict (p) | best fix rank | CF visits | random | layer order | CF / random |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for st, d in r["stats"].items():
             k = r["n_flipping"]
+            verdict = {True: "**anomalous**", False: "not anomalous", None: "none"}[d["run_anomalous"]]
             out.append(f"| {r['scenario']} | {r['n_candidates']} | {k} | {st} | {_f(d['heldout_fpr'])} | "
-                       f"{_f(d['heldout_prompt_fpr'])} | {d.get('best_rank', 'n/a')} | "
+                       f"{_f(d['heldout_prompt_fpr'])} | {_f(d['heldout_run_fpr'])} | "
+                       f"{verdict} ({_f(d['run_p_value'], '.3g')}) | {d.get('best_rank', 'n/a')} | "
                        f"{d['cf_visits'] if k else 'n/a'} | "
                        f"{_f(r['random_expected_visits'], '.1f')} | {r['layer_order_visits'] or 'n/a'} | "
                        f"{_f(d.get('ratio_random'), '.2f')} |")
+    out += ["", "Run-level verdict (docs/cf.md, *Run-level verdict*): *runs flagged* = held-out benign prompts not "
+            "used to calibrate the run threshold whose maximum site score exceeds it (the family-wise false-positive "
+            "rate; *prompts with a flag* is the site threshold's any-flag rate on the same kind of prompts); *mean "
+            f"over splits* = that rate averaged over {SPLITS} random calibration/measurement splits of the held-out "
+            "runs; *reference-calibrated* = the rate (on all held-out prompts) had the threshold been calibrated on "
+            "the reference prompts' leave-one-out maxima instead, split into the held-out prompts with a word no "
+            "reference prompt has and the others.",
+            "",
+            "| scenario | statistic | calibration runs | run threshold | incident max site score | p | runs flagged | "
+            "mean over splits | reference-calibrated (new words / others) |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for st, d in r["stats"].items():
+            out.append(f"| {r['scenario']} | {st} | {d['n_run_calibration']} {d['run_calibration']} | "
+                       f"{_f(d['run_threshold'], '.4g')} | {_f(d['run_statistic'], '.4g')} | "
+                       f"{_f(d['run_p_value'], '.3g')} | {_f(d['heldout_run_fpr'])} ({d.get('heldout_runs_flagged')} "
+                       f"of {d['heldout_runs_tested']}) | {_f(d.get('mean_split_fpr'))} | "
+                       f"{_f(d.get('reference_calibrated_fpr'))} ({_f(d.get('reference_calibrated_fpr_new_words'))} of "
+                       f"{d.get('new_word_prompts')} / {_f(d.get('reference_calibrated_fpr_known_words'))}) |")
     out += ["", "Best single-site fix per scenario: "
             + "; ".join(f"{r['scenario']}: `{r['best_fix']['site']}` ({r['best_fix']['basis']})"
                         for r in rows if "best_fix" in r) + ".",
@@ -279,8 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     for line in missed:
         print(line)
     if not missed:
-        print(f"PASS: every scenario meets held-out FPR <= {FPR_TARGET:.0%} and CF-guided <= {RATIO_TARGET:.0%} of "
-              f"the random-order search, for both statistics")
+        print(f"PASS: every scenario meets held-out FPR <= {FPR_TARGET:.0%} (sites and runs), flags its incident at "
+              f"the run level and CF-guided <= {RATIO_TARGET:.0%} of the random-order search, for both statistics")
     print(f"total {time.perf_counter() - t0:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, default=str), encoding="utf-8")
