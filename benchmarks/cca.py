@@ -15,6 +15,9 @@ Per scenario (bundle recorded fresh from the shipped scenario, one torch thread,
   the same checks** (``ranking="exhaustive"``: the same sweep, then the same lazy chooser on every fixing site it
   found — the cheapest way a sweep reaches the same kind of answer). The ≤ 10% target is judged against the second
   (like for like); the first is printed beside it;
+* the **floor**: the final set's own checks run alone, with no search (an oracle that knew the set), as a share of
+  the raw sweep — when it is above 10%, no method that checks its answer as the search does can meet the target on
+  that incident (``benchmarks/cca_scaling.py`` measures how the ratios move as the candidate space grows);
 * the **same search without CF** (positions ordered by the attribution estimate instead of CF's position anomaly)
   and **without any ranking** (positions and sites in listed order): the seed's "CF cuts the CCA search ≥ 50%" is
   judged as 1 − rows(with CF) / rows(without CF), on all rows and on screening rows alone; every variant must reach
@@ -49,7 +52,7 @@ import torch  # noqa: E402
 import scenarios  # noqa: E402
 from engine import stats  # noqa: E402
 from engine.bundle import open_bundle  # noqa: E402
-from engine.cca import _Budget, _Incident, candidate_sites, run_cca, torch_threads  # noqa: E402
+from engine.cca import _Budget, _Chooser, _Incident, candidate_sites, run_cca, torch_threads  # noqa: E402
 from engine.interventions import InterventionSet  # noqa: E402
 from engine.replay import load_bundle_model  # noqa: E402
 
@@ -58,14 +61,17 @@ DEMO = "gpt2-prompt-injection"
 SCREEN_STAGES = ("baseline", "search")
 
 
-def _search(bundle, handle, **kw) -> dict:
+def _search(bundle, handle, floor: bool = False, **kw) -> dict:
+    """``run_cca(..., evidence=False)``: rows / passes to the final set by kind; with ``floor`` also :func:`_floor`
+    of the set it found."""
     t0 = time.perf_counter()
     res = run_cca(bundle, handle, evidence=False, n_controls=0, **kw)
     wall = time.perf_counter() - t0
     rk = res.ranking
     rows = rk.get("search_rows_by_stage", {})
     passes = rk.get("search_passes_by_stage", {})
-    return {"set": [e.intervention.describe() for e in res.fix_set], "flipped": bool(res.flipped),
+    extra = {"floor": _floor(bundle, handle, [e.intervention for e in res.fix_set])} if floor else {}
+    return {**extra, "set": [e.intervention.describe() for e in res.fix_set], "flipped": bool(res.flipped),
             "passes": int(rk["search_passes"]), "rows": int(rk["search_rows"]), "seconds": wall,
             "screen_rows": int(sum(v for k, v in rows.items() if k in SCREEN_STAGES)),
             "check_rows": int(sum(v for k, v in rows.items() if k not in SCREEN_STAGES)),
@@ -79,6 +85,22 @@ def _search(bundle, handle, **kw) -> dict:
             "sets_checked": sum(1 for r in rk.get("selection", []) if r.get("confirmed") is not None),
             "n_benign_reference": next((r.get("n_benign_reference") for r in rk.get("selection", [])
                                         if r.get("n_benign_reference") is not None), 0)}
+
+
+def _floor(bundle, handle, fix) -> dict:
+    """The checks the search ends with, run for ``fix`` alone, as by an oracle that knew the final set and searched
+    nothing: the incident's baseline, the set's teacher-forced metric, its fix confirmation (the generated
+    continuation), its sufficiency on the counterpart and every benign reference prompt (their own outputs and
+    their outputs under the set). No method that ends in a set checked like this can spend fewer rows."""
+    budget = _Budget(None)
+    inc = _Incident(bundle, handle, "mean", budget, 1.0)
+    if not fix:
+        return {"rows": budget.rows, "passes": budget.passes}
+    s = tuple(fix)
+    chooser = _Chooser(inc)
+    chooser.add([(s, inc.evaluate_tf([InterventionSet(s)])[0].metric)])
+    chooser.best()
+    return {"rows": budget.rows, "passes": budget.passes}
 
 
 def _sweep(bundle, handle) -> dict:
@@ -117,7 +139,7 @@ def measure_scenario(name: str, workdir: Path) -> dict:
         with open_bundle(path) as b:
             handle = load_bundle_model(b)
             cf, cf_seconds = _cf(b, handle)
-            ours = _search(b, handle, cf=cf)
+            ours = _search(b, handle, floor=True, cf=cf)
             no_cf = _search(b, handle, cf=None)
             unranked = _search(b, handle, ranking="none")
             exhaustive = _search(b, handle, ranking="exhaustive")
@@ -146,7 +168,8 @@ def measure_scenario(name: str, workdir: Path) -> dict:
                    "cf_cut_screen_rows": 1 - ours["screen_rows"] / no_cf["screen_rows"],
                    "rows_vs_exhaustive_search": ours["rows"] / exhaustive["rows"],
                    "passes_vs_exhaustive_search": ours["passes"] / exhaustive["passes"],
-                   "seconds_vs_sweep": ours["seconds"] / sw["seconds"] if sw["seconds"] else None},
+                   "seconds_vs_sweep": ours["seconds"] / sw["seconds"] if sw["seconds"] else None,
+                   "floor_vs_sweep": ours["floor"]["rows"] / sw["rows"]},
         "same_set": {"no_cf": no_cf["set"] == ours["set"], "no_ranking": unranked["set"] == ours["set"],
                      "exhaustive_search": exhaustive["set"] == ours["set"]},
     }
@@ -210,6 +233,11 @@ def _print_scenario(s: dict) -> None:
         print(f"   search rows / {label}: {_pct(v)} (target <= 10%: {ok})")
     print(f"   passes: search / (b) {_pct(r['passes_vs_exhaustive_search'])}, search / (a) {_pct(r['passes_vs_sweep'])}; "
           f"screening rows alone / (a) {_pct(r['screen_rows_vs_sweep'])}")
+    fl = o["floor"]
+    print(f"   floor: the final set's own checks alone (no search: an oracle that knew the set) {fl['rows']} rows "
+          f"({fl['passes']} passes) = {_pct(r['floor_vs_sweep'])} of (a)"
+          + (" -- above 10%: no method that checks its answer like this meets the target here"
+             if r["floor_vs_sweep"] > TARGET_VS_SWEEP else ""))
     for key, label in (("no_cf", "without CF (positions by attribution)"),
                        ("no_ranking", "without CF/gradient ranking (listed order)")):
         x = s[key]
@@ -250,7 +278,9 @@ def print_summary(out: dict) -> None:
     floor = {n: s["ours"]["n_benign_reference"] for n, s in sc.items()}
     print("FLOOR common to the search and (b): the chosen set is checked on every benign reference prompt (" +
           ", ".join(f"{n} {k}" for n, k in floor.items()) + " prompts; generation incidents also confirm each "
-          "prompt's own output once, about as many rows again)")
+          "prompt's own output once, about as many rows again); those checks alone, without any search, are " +
+          ", ".join(f"{n} {_pct(s['ratios']['floor_vs_sweep'])}" for n, s in sc.items()) + " of the raw sweep's rows "
+          "(benchmarks/cca_scaling.py measures where the ratio falls below 10% as the candidate space grows)")
 
 
 def main(argv=None) -> int:

@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import cca as bench  # noqa: E402  (benchmarks/cca.py)
+import cca_scaling as scaling  # noqa: E402  (benchmarks/cca_scaling.py)
 
 from engine.cca import TARGETS  # noqa: E402
 from workbench.cli import main as cli  # noqa: E402
@@ -73,8 +74,9 @@ def results_table(res: dict) -> list[str]:
 def budget_table(bm: dict) -> list[str]:
     lines = ["| scenario | candidate sites | resolved: on their own + by group tests | search rows: screening + "
              "checks (passes) | (a) raw sweep rows (passes) | (b) sweep + same checks rows (passes) | search / (b) "
-             "rows (judged) | search / (a) rows | search wall | (b) wall |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "rows (judged) | search / (a) rows | floor: the final set's checks alone (rows, / (a)) | search wall | "
+             "(b) wall |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in bm["scenarios"].items():
         o, sw, r, ex = s["ours"], s["sweep"], s["ratios"], s["exhaustive_search"]
         lines.append(
@@ -82,9 +84,40 @@ def budget_table(bm: dict) -> list[str]:
             f"{o['candidates_resolved'] - o['candidates_evaluated']} ({o['group_tests']} group tests) | "
             f"{o['screen_rows']} + {o['check_rows']} = {o['rows']} ({o['passes']}) | {sw['rows']} ({sw['passes']}) | "
             f"{ex['screen_rows']} + {ex['check_rows']} = {ex['rows']} ({ex['passes']}) | "
-            f"{_pct(r['rows_vs_exhaustive_search'])} | {_pct(r['rows_vs_sweep'])} | {o['seconds']:.2f} s | "
-            f"{ex['seconds']:.2f} s |")
+            f"{_pct(r['rows_vs_exhaustive_search'])} | {_pct(r['rows_vs_sweep'])} | {o['floor']['rows']}, "
+            f"{_pct(r['floor_vs_sweep'])} | {o['seconds']:.2f} s | {ex['seconds']:.2f} s |")
     return lines
+
+
+def scaling_table(sc: dict) -> list[str]:
+    lines = ["| blocks | prompt tokens | candidate sites | final set (planted site?) | search rows: screening + checks "
+             "(wall) | without CF | (a) raw sweep rows (wall) | search / (a) rows | search / (a) wall | search / (b) "
+             "rows | floor / (a) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s in sc["sizes"]:
+        o, sw, r, nc = s["ours"], s["sweep"], s["ratios"], s["no_cf"]
+        lines.append(
+            f"| {s['n_layer']} | {s['n_prompt_tokens']} | {s['n_candidates']} | `{', '.join(o['set'])}` "
+            f"({'yes' if s['on_planted_site'] else 'NO'}) | {o['screen_rows']} + {o['check_rows']} = {o['rows']} "
+            f"({o['seconds']:.2f} s) | {nc['rows']} | {sw['rows']} ({sw['seconds']:.2f} s) | "
+            f"{_pct(r['rows_vs_sweep'])} | {_pct(r['seconds_vs_sweep'])} | {_pct(r['rows_vs_exhaustive_search'])} | "
+            f"{_pct(r['floor_vs_sweep'])} |")
+    return lines
+
+
+def _scaling_sentence(sc: dict) -> str:
+    sizes = sc["sizes"]
+    met = [s for s in sizes if s["ratios"]["rows_vs_sweep"] <= 0.10]
+    wrong = [str(s["n_candidates"]) for s in sizes if not s["on_planted_site"]]
+    checks = [s["ours"]["check_rows"] for s in sizes]
+    first = ("The search lands on the planted site at every size" if not wrong else
+             "The search MISSES the planted site at " + ", ".join(wrong) + " candidate sites")
+    target = (f"search / (a) ≤ 10% is met from {min(s['n_candidates'] for s in met)} candidate sites up" if met else
+              "search / (a) ≤ 10% is met at no size measured")
+    return (f"{first}; {target} (the search's rows grow from {sizes[0]['ours']['rows']} to {sizes[-1]['ours']['rows']} "
+            f"while the sweep's grow from {sizes[0]['sweep']['rows']} to {sizes[-1]['sweep']['rows']}: token ablations "
+            f"and position blocks are group-tested, and the checks stay between {min(checks)} and {max(checks)} rows). "
+            f"At the smallest size ({sizes[0]['n_candidates']} candidate sites, the shipped scenarios' scale) the floor "
+            f"alone is {_pct(sizes[0]['ratios']['floor_vs_sweep'])} of the sweep.")
 
 
 def ablation_table(bm: dict) -> list[str]:
@@ -157,7 +190,7 @@ def _resid_example(res: dict) -> str:
             f"{r['benign_reference_changed']} {of}")
 
 
-def render(bm: dict, res: dict, res_units: dict) -> str:
+def render(bm: dict, res: dict, res_units: dict, sc: dict) -> str:
     demo_cli = bm.get("demo_cli") or []
     L: list[str] = []
     w = L.append
@@ -206,8 +239,9 @@ def render(bm: dict, res: dict, res_units: dict) -> str:
     w("**Screening** (exact; every candidate set is a batch row of a real replay that starts from the recorded "
       "residual stream of the lowest intervened block and runs the shared prompt prefix once):")
     w("")
-    w("1. token ablations: `resid_pre` of block 0 at every prompt position, each on its own (which input tokens "
-      "carry the failure);")
+    w("1. token ablations: `resid_pre` of block 0 at every prompt position (which input tokens carry the failure), "
+      "screened by the same adaptive group testing as the blocks below (positions in prompt order), so where few "
+      "tokens fix their cost grows with the log of the prompt length;")
     w("2. the other sites one prompt position at a time. With CF (the default) the positions come in the order of "
       "CF's position anomaly and the sites of a position in the order `CFResult.order_candidates` gives them (ties in "
       "attribution order); without CF positions are ordered by their strongest attribution estimate. Each position's "
@@ -322,7 +356,9 @@ def render(bm: dict, res: dict, res_units: dict) -> str:
       "confirmation, counterpart sufficiency, the reference prompts' own outputs and their outputs under the sets "
       "checked, pruning, refinement. A *row* is one sequence through the model once (a batch row of a forward, or of "
       "one generation step): the sequential-forward equivalent; passes (batched forward calls) are printed too but "
-      "favour the sweep, which packs 64 sites into each.")
+      "favour the sweep, which packs 64 sites into each. The *floor* is the final set's own checks run alone, with no "
+      "search at all (as by an oracle that knew the set): no method that ends in a set checked this way can spend "
+      "fewer rows.")
     w("")
     L.extend(budget_table(bm))
     w("")
@@ -337,13 +373,30 @@ def render(bm: dict, res: dict, res_units: dict) -> str:
       "generation incidents, each of those prompts' own output is confirmed once more (as many rows again); the "
       "chosen set's rows alone are " + ", ".join(
           f"{_pct(s['ours']['n_benign_reference'] / s['exhaustive_search']['rows'])}"
-          for s in bm["scenarios"].values()) + " of (b). What the search "
-      "saves is the screening (group tests clear whole positions in one row) and the checks of sets that cannot win.")
-      + " " + _cf_sentence(bm))
+          for s in bm["scenarios"].values()) + " of (b). Those checks alone, with no search, are " + ", ".join(
+          f"{_pct(s['ratios']['floor_vs_sweep'])}" for s in bm["scenarios"].values()) + " of the raw sweep (a): "
+      "above 10% on " + str(sum(s["ratios"]["floor_vs_sweep"] > 0.10 for s in bm["scenarios"].values())) +
+      f" of the {len(bm['scenarios'])} incidents, and on those no search that checks its answer like this can meet "
+      "the target; the section below measures where it can. What the search saves is the screening (group tests clear whole positions in "
+      "one row) and the checks of sets that cannot win.") + " " + _cf_sentence(bm))
     w("")
     w("The same search without CF, without any ranking, and the CF cut (1 − rows with CF / rows without):")
     w("")
     L.extend(ablation_table(bm))
+    w("")
+    w("## How the ratio scales (`benchmarks/cca_scaling.py`)")
+    w("")
+    w(f"Measured on {sc['measured']} (load average {sc['load_average_start']:.1f} at the start, "
+      f"{sc['load_average_end']:.1f} at the end). The checks the search ends with do not grow with the model or the "
+      "prompt; the sweep grows with blocks × components × prompt positions. Incidents whose size is the parameter: "
+      "a GPT-2 with random weights and a planted fault (`scenarios/planted.py`: MLP neuron 0 of the middle block "
+      "answers `cat` to the last word `HACKED`; the same construction `tests/test_cca_planted.py` checks CCA "
+      "against), prompts of random words, 40 benign reference prompts, a `token:` failure (no generation); the "
+      "search with its defaults (CF-guided, the CF baseline built first and not counted), one thread.")
+    w("")
+    L.extend(scaling_table(sc))
+    w("")
+    w(_scaling_sentence(sc))
     w("")
     w("## How well attribution agrees with exact single-site effects")
     w("")
@@ -392,11 +445,13 @@ def main(argv=None) -> int:
         bm = bench.measure(bench.SCENARIOS, cli=True, workdir=work)
         res = {n: run_cli(work / f"{n}.h5", work / f"{n}.cca.json") for n in bench.SCENARIOS}
         res_units = {n: run_cli(work / f"{n}.h5", work / f"{n}.units.json", "--units") for n in bench.SCENARIOS}
-    Path(args.out).write_text(render(bm, res, res_units), encoding="utf-8")
+    sc = scaling.measure()
+    Path(args.out).write_text(render(bm, res, res_units, sc), encoding="utf-8")
     print(f"written {args.out}")
     if args.json:
         Path(args.json).write_text(json.dumps({"benchmark": bm, "cli": {n: r[2] for n, r in res.items()},
-                                               "cli_units": {n: r[2] for n, r in res_units.items()}},
+                                               "cli_units": {n: r[2] for n, r in res_units.items()},
+                                               "scaling": sc},
                                               indent=1, default=float), encoding="utf-8")
     return 0
 
