@@ -98,6 +98,11 @@ def test_pdf_text_carries_verdict_hashes_flip_rate_and_commands(demo_pdf):
     # CF: the fix site's score as computed, on the CF page
     cf_score = next(s["score"] for s in doc["cf"]["scores"] if s["layer"] == 0 and s["site"] == "attn")
     assert f"CF score {cf_score:.3g}" in body
+    # CF: the run-level (family-wise) verdict, as computed
+    cf = doc["cf"]
+    assert cf["run_anomalous"] is not None
+    assert f"the run is {'anomalous' if cf['run_anomalous'] else 'not anomalous'}" in body
+    assert f"run threshold {cf['run_threshold']:.4g}" in body and f"p = {cf['run_p_value']:.3g}" in body
 
 
 def test_every_page_names_incident_time_and_page_number(demo_pdf):

@@ -718,9 +718,11 @@ def _key_tiles(doc: Mapping) -> list[tuple[str, str, str, str | None]]:
     ]
     if cf:
         flagged = sum(1 for s in cf.get("scores", []) if s.get("flagged"))
+        run = cf.get("run_anomalous")
         tiles.append((f"{flagged} of {len(cf.get('scores', []))}", "sites flagged by CF",
-                      f"threshold {_num(cf.get('threshold'))} \u00b7 held-out FPR {_pct(cf.get('heldout_fpr'))}",
-                      None))
+                      f"threshold {_num(cf.get('threshold'))} \u00b7 held-out FPR {_pct(cf.get('heldout_fpr'))}"
+                      + ("" if run is None else f" \u00b7 run {'anomalous' if run else 'not anomalous'} "
+                         f"(p {_num(cf.get('run_p_value'), '.3g')})"), None))
     else:
         tiles.append(("not run", "Compression Forensics", "no CF result in this certificate", None))
     tiles.append((f"{int(cca.get('forward_passes') or 0):,}", "forward passes",
@@ -745,6 +747,23 @@ def _tiles(c: _Canvas, y: float, tiles, cols: int = 4, h: float = 54.0) -> float
     return y + rows * h + (rows - 1) * gap
 
 
+def _run_verdict_sentence(cf: Mapping) -> str:
+    """The CF run-level (family-wise) verdict in one sentence; empty for a result without one."""
+    run = cf.get("run_anomalous")
+    if run is None:
+        return ""
+    n_ref = int(cf.get("n_run_reference") or 0)
+    calib = "held-out benign calibration runs" if cf.get("run_calibration") == "heldout" else "benign reference runs"
+    fpr = cf.get("heldout_run_fpr")
+    measured = ("not measured" if fpr is None else
+                f"<b>{_pct(fpr)}</b> of {int(cf.get('n_run_heldout') or 0)} other held-out benign runs")
+    return (f" Taken as a whole (a family-wise test over every site), the run is <b>"
+            f"{'anomalous' if run else 'not anomalous'}</b>: its largest site score {_num(cf.get('run_statistic'), '.4g')} "
+            f"{'exceeds' if run else 'does not exceed'} the run threshold {_num(cf.get('run_threshold'), '.4g')}, the "
+            f"conformal 95th percentile of {n_ref} {calib} (p = {_num(cf.get('run_p_value'), '.3g')}); that threshold "
+            f"flags {measured}.")
+
+
 def _page_cf(c: _Canvas, doc: Mapping) -> None:
     cf, inc, cca = doc.get("cf"), doc["incident"], doc["cca"]
     y = _heading(c, TOP, "Compression Forensics: where the computation looks anomalous")
@@ -762,6 +781,7 @@ def _page_cf(c: _Canvas, doc: Mapping) -> None:
              f"z of the site's most anomalous prompt token; a site is <b>flagged</b> above the threshold "
              f"<b>{_num(thr)}</b>, whose false-positive rate measured on {int(cf.get('n_heldout') or 0) or ''} "
              f"held-out benign prompts is <b>{_pct(cf.get('heldout_fpr'))}</b>."
+             + _run_verdict_sentence(cf)
              + (" <b>PARTIAL</b>: CF was cancelled before every site was scored." if cf.get("partial") else ""))
     y += c.para(MARGIN_X, y, CONTENT_W, intro, 8.5) + 8
 
