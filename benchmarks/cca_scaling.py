@@ -64,7 +64,8 @@ def measure_size(n_layer: int, words: int, workdir: Path) -> dict:
     n_cands = len(sw["cands"])
     return {"n_layer": n_layer, "words": words, "n_prompt_tokens": last + 1, "n_candidates": n_cands,
             "planted": f"L{plant}.mlp@{last}:mean", "on_planted_site": ours["set"] == [f"L{plant}.mlp@{last}:mean"],
-            "ours": ours, "no_cf": {k: no_cf[k] for k in ("rows", "screen_rows", "check_rows", "passes", "seconds", "set")},
+            "ours": ours,
+            "no_cf": {k: no_cf[k] for k in ("rows", "screen_rows", "check_rows", "passes", "seconds", "set")},
             "exhaustive_search": {k: exhaustive[k] for k in ("rows", "passes", "seconds", "set")},
             "sweep": {"rows": sw["rows"], "passes": sw["passes"], "seconds": sw["seconds"]},
             "ratios": {"rows_vs_sweep": ours["rows"] / sw["rows"],

@@ -1574,10 +1574,10 @@ class _Search:
         """Single sites. (1) Token ablations: ``resid_pre`` of block 0 at every prompt position (which input tokens
         carry the failure), screened by adaptive group testing like the blocks below (a union of positions whose
         ablation does not fix clears them all in one row; every position called fixing was evaluated on its own),
-        so their cost grows with the log of the prompt length where few tokens fix. (2) The rest, one prompt position at a time in the order of
-        :meth:`position_blocks` (CF's position anomaly by default), each block screened by adaptive group testing
-        (:meth:`group_test`). The chooser's checks run after the first position block and after every later one;
-        the search stops after the first block that leaves a *clean* fix."""
+        so their cost grows with the log of the prompt length where few tokens fix. (2) The rest, one prompt
+        position at a time in the order of :meth:`position_blocks` (CF's position anomaly by default), each block
+        screened by adaptive group testing (:meth:`group_test`). The chooser's checks run after the first position
+        block and after every later one; the search stops after the first block that leaves a *clean* fix."""
         inc, cands = self.inc, self.cands
         if self.ranking == "exhaustive":
             self._round("every candidate", [(c,) for c in cands])

@@ -758,8 +758,9 @@ def _run_verdict_sentence(cf: Mapping) -> str:
     measured = ("not measured" if fpr is None else
                 f"<b>{_pct(fpr)}</b> of {int(cf.get('n_run_heldout') or 0)} other held-out benign runs")
     return (f" Taken as a whole (a family-wise test over every site), the run is <b>"
-            f"{'anomalous' if run else 'not anomalous'}</b>: its largest site score {_num(cf.get('run_statistic'), '.4g')} "
-            f"{'exceeds' if run else 'does not exceed'} the run threshold {_num(cf.get('run_threshold'), '.4g')}, the "
+            f"{'anomalous' if run else 'not anomalous'}</b>: its largest site score "
+            f"{_num(cf.get('run_statistic'), '.4g')} {'exceeds' if run else 'does not exceed'} the run threshold "
+            f"{_num(cf.get('run_threshold'), '.4g')}, the "
             f"conformal 95th percentile of {n_ref} {calib} (p = {_num(cf.get('run_p_value'), '.3g')}); that threshold "
             f"flags {measured}.")
 
