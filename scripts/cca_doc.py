@@ -116,8 +116,8 @@ def _scaling_sentence(sc: dict) -> str:
     return (f"{first}; {target} (the search's rows grow from {sizes[0]['ours']['rows']} to {sizes[-1]['ours']['rows']} "
             f"while the sweep's grow from {sizes[0]['sweep']['rows']} to {sizes[-1]['sweep']['rows']}: token ablations "
             f"and position blocks are group-tested, and the checks stay between {min(checks)} and {max(checks)} rows). "
-            f"At the smallest size ({sizes[0]['n_candidates']} candidate sites, the shipped scenarios' scale) the floor "
-            f"alone is {_pct(sizes[0]['ratios']['floor_vs_sweep'])} of the sweep.")
+            f"At the smallest size ({sizes[0]['n_candidates']} candidate sites, the shipped scenarios' scale) the "
+            f"floor alone is {_pct(sizes[0]['ratios']['floor_vs_sweep'])} of the sweep.")
 
 
 def ablation_table(bm: dict) -> list[str]:
@@ -377,8 +377,8 @@ def render(bm: dict, res: dict, res_units: dict, sc: dict) -> str:
           f"{_pct(s['ratios']['floor_vs_sweep'])}" for s in bm["scenarios"].values()) + " of the raw sweep (a): "
       "above 10% on " + str(sum(s["ratios"]["floor_vs_sweep"] > 0.10 for s in bm["scenarios"].values())) +
       f" of the {len(bm['scenarios'])} incidents, and on those no search that checks its answer like this can meet "
-      "the target; the section below measures where it can. What the search saves is the screening (group tests clear whole positions in "
-      "one row) and the checks of sets that cannot win.") + " " + _cf_sentence(bm))
+      "the target; the section below measures where it can. What the search saves is the screening (group tests "
+      "clear whole positions in one row) and the checks of sets that cannot win.") + " " + _cf_sentence(bm))
     w("")
     w("The same search without CF, without any ranking, and the CF cut (1 − rows with CF / rows without):")
     w("")
