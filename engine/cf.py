@@ -549,6 +549,7 @@ class Baseline:
         def opt(v):
             return None if v is None else _num(v)
 
+        runs = {k: self.run_calibration(k) for k in self.statistics}
         return {"format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, "baseline_id": self.baseline_id,
                 "weights_sha256": self.weights_sha256, "n_layers": self.n_layers, "d_model": self.d_model,
                 "sites": list(self.sites), "statistics": list(self.statistics), "compressor": self.compressor,
@@ -557,11 +558,11 @@ class Baseline:
                 "heldout_fprs": {k: opt(v) for k, v in self.heldout_fprs.items()},
                 "heldout_prompt_fprs": {k: opt(v) for k, v in self.heldout_prompt_fprs.items()},
                 "heldout_cells": dict(self.heldout_counts),
-                "run_thresholds": {k: _num(self.run_calibration(k).threshold) for k in self.statistics},
-                "run_calibration": {k: self.run_calibration(k).source for k in self.statistics},
-                "n_run_calibration": {k: int(self.run_calibration(k).values.size) for k in self.statistics},
-                "heldout_run_fprs": {k: opt(self.run_calibration(k).heldout_fpr) for k in self.statistics},
-                "heldout_runs_tested": {k: self.run_calibration(k).n_tested for k in self.statistics},
+                "run_thresholds": {k: _num(rc.threshold) for k, rc in runs.items()},
+                "run_calibration": {k: rc.source for k, rc in runs.items()},
+                "n_run_calibration": {k: int(rc.values.size) for k, rc in runs.items()},
+                "heldout_run_fprs": {k: opt(rc.heldout_fpr) for k, rc in runs.items()},
+                "heldout_runs_tested": {k: rc.n_tested for k, rc in runs.items()},
                 "created": self.created, "program": self.program}
 
 
@@ -705,6 +706,14 @@ def run_statistic_of(scores: Sequence[LayerScore]) -> float:
     """A run's statistic ``T``: the maximum site ``score`` (NaN when no site has a finite score)."""
     v = [s.score for s in scores if math.isfinite(s.score)]
     return float(max(v)) if v else float("nan")
+
+
+def format_score(x) -> str:
+    """A site / run score for a person: one decimal from 10 on, two below (2792.2, not 2.79e+03); ``n/a`` when not
+    finite. The CLI and the CF view print run verdicts with it."""
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    return f"{x:.1f}" if abs(x) >= 10 else f"{x:.2f}"
 
 
 def run_p_value(t: float, run_stats: np.ndarray) -> float:

@@ -366,7 +366,7 @@ def test_cli_cf_json_and_text(demo, capsys, tmp_path):
     assert rc == 0, err
     line = next(x for x in out.splitlines() if "run verdict" in x)
     assert line.strip().startswith("run verdict: ANOMALOUS")
-    from workbench.cli_cf import _score
+    from engine.cf import format_score as _score
 
     assert f"> run threshold {_score(res.run_threshold)} " in line and f"p = {res.run_p_value:.3g}" in line
     assert f"held-out benign runs flagged: {res.heldout_run_fpr:.1%} of {res.n_run_heldout} others" in line

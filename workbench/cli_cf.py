@@ -68,13 +68,6 @@ def _pct(x) -> str:
     return "not measured" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1%}"
 
 
-def _score(x) -> str:
-    """A score for a person: one decimal from 10 on, two below (no exponent for 2792.2)."""
-    if x is None or not math.isfinite(x):
-        return "n/a"
-    return f"{x:.1f}" if abs(x) >= 10 else f"{x:.2f}"
-
-
 def _calibration_words(source: str, n: int) -> str:
     return (f"{n} held-out benign calibration runs" if source == "heldout" else
             f"{n} benign reference runs, leave-one-out")
@@ -91,7 +84,7 @@ def _run_fpr_words(fpr, n_tested: int, source: str, n_heldout: int) -> str:
 
 def run_verdict_line(res) -> str:
     """The run-level (family-wise) verdict of a ``CFResult`` in one line."""
-    from engine.cf import RUN_QUANTILE
+    from engine.cf import RUN_QUANTILE, format_score
 
     fpr = _run_fpr_words(res.heldout_run_fpr, res.n_run_heldout, res.run_calibration, res.n_heldout)
     if res.run_anomalous is None:
@@ -99,9 +92,9 @@ def run_verdict_line(res) -> str:
         return f"run verdict: none ({why}); held-out benign runs flagged: {fpr}"
     top = max((s for s in res.scores if math.isfinite(s.score)), key=lambda s: s.score)
     word, rel = ("ANOMALOUS", ">") if res.run_anomalous else ("not anomalous", "<=")
-    return (f"run verdict: {word} — max site score {_score(res.run_statistic)} (L{top.layer} {top.site}) {rel} run "
-            f"threshold {_score(res.run_threshold)} (conformal {RUN_QUANTILE * 100:.0f}th percentile of "
-            f"{_calibration_words(res.run_calibration, res.n_run_reference)}; p = {res.run_p_value:.3g}); "
+    return (f"run verdict: {word} — max site score {format_score(res.run_statistic)} (L{top.layer} {top.site}) "
+            f"{rel} run threshold {format_score(res.run_threshold)} (conformal {RUN_QUANTILE * 100:.0f}th percentile "
+            f"of {_calibration_words(res.run_calibration, res.n_run_reference)}; p = {res.run_p_value:.3g}); "
             f"held-out benign runs flagged: {fpr}")
 
 
@@ -189,6 +182,8 @@ def _print_cf(args, bundle, res, source: str, seconds: float) -> None:
 
 # ----- forensics baseline ---------------------------------------------------------------------------------------
 def _summary_lines(summary: dict) -> list[str]:
+    from engine.cf import format_score
+
     out = [f"  model weights sha256 {summary['weights_sha256'][:16]}…, {summary['n_layers']} layers x "
            f"{len(summary['sites'])} sites, d_model {summary['d_model']}",
            f"  {summary['n_prompts']} benign reference prompts, {summary['n_heldout']} held-out; compressor "
@@ -200,7 +195,7 @@ def _summary_lines(summary: dict) -> list[str]:
         src = summary["run_calibration"][st]
         fpr = _run_fpr_words(summary["heldout_run_fprs"][st], summary["heldout_runs_tested"][st], src,
                              summary["n_heldout"])
-        out.append(f"  {'':8s}  run verdict: threshold {_score(summary['run_thresholds'][st])} (conformal 95th "
+        out.append(f"  {'':8s}  run verdict: threshold {format_score(summary['run_thresholds'][st])} (conformal 95th "
                    f"percentile of {_calibration_words(src, summary['n_run_calibration'][st])}); held-out benign runs "
                    f"flagged: {fpr}")
     return out

@@ -26,15 +26,10 @@ _UNITS = {"bits": "bits/value", "distance": "distance from benign mean"}
 _BADGE = {True: (FAIL_BG, FAIL_FG), False: ("#c9f0c9", "#145214"), None: ("#e4e4e4", "#444")}
 
 
-def _score(x) -> str:
-    """A score for a person: one decimal from 10 on, two below (2792.2, not 2.79e+03)."""
-    if x is None or not math.isfinite(x):
-        return "n/a"
-    return f"{x:.1f}" if abs(x) >= 10 else f"{x:.2f}"
-
-
 def run_verdict_text(result) -> tuple[str, str]:
     """``(badge, detail)`` of a ``CFResult``'s run-level verdict, as the view shows them."""
+    from engine.cf import format_score
+
     if result.heldout_run_fpr is None:
         fpr = "held-out benign runs flagged: not measured"
     else:
@@ -49,8 +44,9 @@ def run_verdict_text(result) -> tuple[str, str]:
              "benign reference runs")
     rel = ">" if result.run_anomalous else "≤"
     return ("Run ANOMALOUS" if result.run_anomalous else "Run not anomalous",
-            f"max site score {_score(result.run_statistic)} {rel} run threshold {_score(result.run_threshold)}, "
-            f"p = {_fmt(result.run_p_value)} against {result.n_run_reference} {calib}; {fpr}.")
+            f"max site score {format_score(result.run_statistic)} {rel} run threshold "
+            f"{format_score(result.run_threshold)}, p = {_fmt(result.run_p_value)} against {result.n_run_reference} "
+            f"{calib}; {fpr}.")
 
 
 def _cf_module():
