@@ -249,3 +249,28 @@ def test_cf_run_then_bar_click_shows_that_site_in_the_browser(window, qtbot):
     assert f"Layer {best.layer} · {best.site}" in browser.title.text()
     np.testing.assert_array_equal(browser.image_data, b.activation(best.layer, best.site)[:browser.image_data.shape[0],
                                                                                       :browser.image_data.shape[1]])
+
+
+def test_window_fits_a_laptop_screen_with_every_result_shown(window, qtbot):
+    """With a bundle, a CF result and a fix set's evidence in every view, the window can still be made as small as a
+    1366 x 768 laptop screen leaves (about 1366 x 700 after the taskbar and the title bar): no view's labels or tables
+    set a minimum height above that (the CCA result and the tables scroll instead)."""
+    from engine.cca import evaluate_fix_set
+    from engine.cf import run_cf
+    from engine.interventions import Intervention
+    from engine.replay import load_bundle_model
+
+    b = window.session.bundle
+    handle = load_bundle_model(b)
+    window.session.set_cf(run_cf(b, handle))
+    fix = [Intervention(layer=0, component="attn", positions=(b.n_prompt_tokens - 1,), op="mean"),
+           Intervention(layer=b.n_layers - 1, component="mlp", positions=(2,), op="mean")]
+    window.session.set_cca(evaluate_fix_set(b, handle, fix, n_controls=20))
+    for i in range(window.tabs.count()):
+        window.tabs.setCurrentIndex(i)
+        qtbot.wait(20)
+        hint = window.minimumSizeHint()
+        assert hint.width() <= 1366 and hint.height() <= 700, (window.tabs.tabText(i), hint.toTuple())
+    window.resize(1366, 700)
+    qtbot.wait(20)
+    assert window.height() <= 700

@@ -17,9 +17,9 @@ import math
 import pyqtgraph as pg
 from PySide6.QtCore import Qt, QTimer, Slot
 from PySide6.QtGui import QColor
-from PySide6.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QFormLayout, QGroupBox, QHBoxLayout,
-                               QHeaderView, QLabel, QProgressBar, QPushButton, QSpinBox, QSplitter, QTableWidget,
-                               QTableWidgetItem, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QFormLayout, QFrame, QGroupBox,
+                               QHBoxLayout, QHeaderView, QLabel, QProgressBar, QPushButton, QScrollArea, QSpinBox,
+                               QSplitter, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
 
 from workbench.views.plots import _fmt, _styled_plot
 
@@ -238,7 +238,7 @@ class CCAView(QWidget):
         # --- live plot of the search
         self.trace_plot = pg.PlotWidget()
         _styled_plot(self.trace_plot, "best search metric", "forward passes")
-        self.trace_plot.setMinimumHeight(160)
+        self.trace_plot.setMinimumHeight(120)
         self.trace_plot.getPlotItem().setTitle(
             "search trace \u2014 search metric: logit margin of the failing outcome (> 0 = fails)",
             color=(30, 30, 30), size="10pt")
@@ -270,12 +270,19 @@ class CCAView(QWidget):
         rl.addWidget(QLabel("Criteria"))
         rl.addWidget(self.criteria_table, 2)
 
+        # the result scrolls as a whole when the window is short (a 1366 x 768 laptop screen), so its labels and
+        # tables never set the window's minimum height
+        self.result_scroll = QScrollArea()
+        self.result_scroll.setWidget(result_box)
+        self.result_scroll.setWidgetResizable(True)
+        self.result_scroll.setFrameShape(QFrame.Shape.NoFrame)
+        self.result_scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+
         split = QSplitter(Qt.Orientation.Vertical)
         split.addWidget(self.trace_plot)
-        split.addWidget(result_box)
+        split.addWidget(self.result_scroll)
         split.setStretchFactor(0, 1)
-        split.setStretchFactor(1, 4)  # room for all six criteria rows in a window of 900 px; no minimum height, so
-        # the window still fits a small screen (the tables scroll there)
+        split.setStretchFactor(1, 4)  # room for all six criteria rows in a window of 900 px
 
         lay = QVBoxLayout(self)
         lay.addLayout(params)
