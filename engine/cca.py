@@ -208,7 +208,8 @@ class CCAResult:
         return [k for k, c in self.criteria.items() if not c.get("ok")]
 
     def to_dict(self) -> dict:
-        return {
+        """The JSON result (ARCHITECTURE.md's keys); standard JSON: "not measured" is ``null``, never NaN."""
+        return stats.json_safe({
             "schema": SCHEMA, "bundle_uuid": self.bundle_uuid, "bundle_sha256": self.bundle_sha256, "op": self.op,
             "fix_set": [e.to_dict() for e in self.fix_set], "set_size": self.set_size, "flipped": bool(self.flipped),
             "baseline_metric": _num(self.baseline_metric), "fixed_metric": _num(self.fixed_metric),
@@ -223,7 +224,7 @@ class CCAResult:
             "criteria": self.criteria, "forward_passes": int(self.forward_passes), "rows": int(self.rows),
             "seconds": float(self.seconds), "partial": bool(self.partial), "trace": self.trace,
             "ranking": self.ranking, "evidence": self.evidence,
-        }
+        })
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "CCAResult":
@@ -2114,7 +2115,7 @@ def _control_evidence(bundle, handle, inc: _Incident, fix, budget, res: CCAResul
         "first_block_flip_rate": first_flips / first_rows if first_rows else None,
         "first_block_flips": first_flips, "first_block_rows": first_rows,
         "control_flip_rate_mean": float(np.mean(res.control_flip_rates)) if N else None,
-        "rows": int(budget.rows_by_stage.get("controls", 0)), "seed": seed,
+        "rows": int(budget.rows_by_stage.get("controls", 0)), "seed": seed, "held_out": bool(order),
         "examples": [ctrl[c].to_dict()["interventions"] for c in range(min(3, N))],
         "reaching": [ctrl[c].to_dict()["interventions"] for c in range(N) if status[c]][:10]}
 
@@ -2139,6 +2140,34 @@ def _fdr(res: CCAResult) -> None:
     res.fdr = stats.bh_adjust(ps)
 
 
+#: Why a piece of evidence is missing, and how to get it: the bundle lacks the prompts it is measured on.
+NOT_MEASURED_WHY = {
+    "flip_rate": "the bundle has no held-out failing variants; record them with --variants-file",
+    "side_effect_rate": "the bundle has no held-out benign prompts; record them with --heldout-file",
+    "sufficiency_rate": "the bundle has no benign counterpart; record one with --counterpart",
+}
+
+
+def not_measured(key: str, res: "CCAResult") -> str:
+    """``"not measured: <why>"`` for an evidence number of ``res`` that is missing."""
+    if res.partial:
+        return "not measured: the run was cancelled before this evidence"
+    if key == "p_value":
+        return "not measured: no random control sets were run" if not res.n_controls else "not measured"
+    if key == "flip_rate" and res.n_variants == 0:
+        nv = int((res.evidence.get("variants") or {}).get("n_prompts") or 0)
+        if nv:
+            return f"not measured: none of the bundle's {nv} held-out variants fails unintervened"
+        return "not measured: " + NOT_MEASURED_WHY[key]
+    if key == "sufficiency_rate" and res.n_sufficiency == 0:
+        npairs = int((res.evidence.get("sufficiency") or {}).get("n_pairs") or 0)
+        if npairs:
+            return f"not measured: none of the {npairs} benign counterparts behaves benign unintervened"
+    if key == "side_effect_rate" and res.n_benign == 0 or key == "sufficiency_rate" and res.n_sufficiency == 0:
+        return "not measured: " + NOT_MEASURED_WHY[key]
+    return "not measured"
+
+
 def _criteria(res: CCAResult) -> dict[str, dict]:
     """The issue's "Done when" targets, each with the measured value and whether it holds."""
     def finite(x):
@@ -2148,17 +2177,20 @@ def _criteria(res: CCAResult) -> dict[str, dict]:
     fr = res.flip_rate
     lo, hi = res.flip_rate_ci
     out["flip_rate"] = {
-        "target": ">= 80% of held-out failing variants", "value": fr, "ok": bool(finite(fr) and fr >= 0.80),
+        "target": ">= 80% of held-out failing variants", "value": _num(fr), "ok": bool(finite(fr) and fr >= 0.80),
         "detail": (f"{round(fr * res.n_variants)}/{res.n_variants} flipped = {fr:.1%} (Wilson 95% {lo:.1%}–{hi:.1%})"
-                   + ("" if fr >= 0.80 else f"; {0.80 - fr:.1%} below target")) if finite(fr) else "not measured"}
+                   + ("" if fr >= 0.80 else f"; {0.80 - fr:.1%} below target")) if finite(fr) else
+        not_measured("flip_rate", res)}
     se = res.side_effect_rate
     out["side_effect_rate"] = {
-        "target": "<= 5% of held-out benign prompts change", "value": se, "ok": bool(finite(se) and se <= 0.05),
+        "target": "<= 5% of held-out benign prompts change", "value": _num(se),
+        "ok": bool(finite(se) and se <= 0.05),
         "detail": (f"{round(se * res.n_benign)}/{res.n_benign} changed = {se:.1%}, mean KL {res.side_effect_kl:.4f}"
-                   + ("" if se <= 0.05 else f"; {se - 0.05:.1%} above target")) if finite(se) else "not measured"}
+                   + ("" if se <= 0.05 else f"; {se - 0.05:.1%} above target")) if finite(se) else
+        not_measured("side_effect_rate", res)}
     fa = res.fraction_of_activations
     out["fraction_of_activations"] = {
-        "target": "<= 5% of recorded activation values", "value": fa, "ok": bool(finite(fa) and fa <= 0.05),
+        "target": "<= 5% of recorded activation values", "value": _num(fa), "ok": bool(finite(fa) and fa <= 0.05),
         "detail": (f"{fa:.3%} of recorded values touched by {len(res.fix_set)} intervention(s)"
                    + ("" if fa <= 0.05 else f"; {fa - 0.05:.2%} above target")) if finite(fa) else "not measured"}
     out["one_minimal"] = {
@@ -2169,13 +2201,18 @@ def _criteria(res: CCAResult) -> dict[str, dict]:
                     "not 1-minimal: " + ", ".join(e.intervention.describe() for e in res.fix_set
                                                   if not e.drop_one_failing) + " can be dropped"))}
     p = res.p_value
+    cev = res.evidence.get("controls") or {}
+    held_out = bool(cev.get("held_out", True))  # results written before the key existed ran on the variants
     out["p_value"] = {
-        "target": "p < 0.01 against >= 200 random controls", "value": p,
-        "ok": bool(finite(p) and p < 0.01 and res.n_controls >= 200),
+        "target": "p < 0.01 against >= 200 random controls", "value": _num(p),
+        "ok": bool(finite(p) and p < 0.01 and res.n_controls >= 200 and held_out),
         "detail": (f"p = {p:.4f} from {res.n_controls} controls "
-                   f"({res.evidence.get('controls', {}).get('n_at_least_as_extreme', '?')} at least as extreme)"
+                   f"({cev.get('n_at_least_as_extreme', '?')} at least as extreme)"
                    + ("" if res.n_controls >= 200 else "; fewer than 200 controls")
-                   + ("" if p < 0.01 else f"; {p - 0.01:.4f} above 0.01")) if finite(p) else "not measured"}
+                   + ("" if p < 0.01 else f"; {p - 0.01:.4f} above 0.01")
+                   + ("" if held_out else "; measured on the incident itself, which the set was chosen on, so it is "
+                      "not a held-out test (" + NOT_MEASURED_WHY["flip_rate"] + ")"))
+        if finite(p) else not_measured("p_value", res)}
     out["incident_flipped"] = {"target": "the incident no longer fails under the set", "value": float(res.flipped),
                                "ok": bool(res.flipped),
                                "detail": f"metric {res.baseline_metric:.3f} -> {res.fixed_metric:.3f}"}

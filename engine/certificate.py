@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from .errors import BundleError, CertificateError, ForensicsError
+from .stats import json_safe
 
 CERT_SCHEMA = "forensics.rca-certificate/1"
 CCA_SCHEMA = "forensics.cca-result/1"
@@ -68,10 +69,11 @@ def program_version() -> str:
 def _as_dict(obj: Any, what: str) -> dict | None:
     if obj is None:
         return None
+    # standard JSON: a "not measured" NaN in a result (e.g. one written by an older version) becomes null
     if isinstance(obj, Mapping):
-        return json.loads(json.dumps(dict(obj), default=_json_default))
+        return json_safe(json.loads(json.dumps(dict(obj), default=_json_default)))
     if hasattr(obj, "to_dict"):
-        return json.loads(json.dumps(obj.to_dict(), default=_json_default))
+        return json_safe(json.loads(json.dumps(obj.to_dict(), default=_json_default)))
     raise CertificateError(f"{what} must be a result object or its to_dict() dictionary, got {type(obj).__name__}")
 
 
@@ -141,6 +143,11 @@ def _pct(x: float | None) -> str:
     return f"{v:.1f}%"
 
 
+def _pct_nm(v: float | None) -> str:
+    """A rate for a verification line: ``not measured`` when there is none."""
+    return "not measured" if v is None else _pct(v)
+
+
 def format_p(p: float | None, n_controls: int = 0) -> str:
     """``p = 0.0049`` (with ``≤`` when no control reached the observed value, i.e. p = 1/(n+1))."""
     if p is None:
@@ -185,8 +192,10 @@ def verdict_sentence(doc: Mapping) -> str:
         parts.append(f", changes {changed}/{nb} benign outputs")
     nc = int(cca.get("n_controls") or 0)
     if nc:
+        held_out = ((cca.get("evidence") or {}).get("controls") or {}).get("held_out", True)
         parts.append(f", {format_p(_finite(cca.get('p_value')), nc)} against {nc} random control sets of the "
-                     "same size")
+                     "same size" + ("" if held_out else " (tested on the incident itself, which the set was chosen "
+                                    "on: not a held-out test)"))
     sentence = " ".join(parts[:2]) + "".join(parts[2:]) + "."
     sentence = sentence.replace(" ,", ",")
     failed = [(k, c) for k, c in (cca.get("criteria") or {}).items() if not c.get("ok")]
@@ -582,11 +591,21 @@ def load_certificate(path: str | os.PathLike) -> dict:
     return doc
 
 
+def certificate_json_text(doc: Mapping) -> str:
+    """The certificate's JSON text, validated; :class:`CertificateError` when it is not a valid certificate or not
+    standard JSON (a NaN anywhere). ``forensics certify`` calls it before it draws the PDF, so a bad document writes
+    neither file."""
+    validate_certificate(doc)
+    try:
+        return json.dumps(doc, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
+    except ValueError as exc:
+        raise CertificateError(f"the certificate is not standard JSON: {exc}") from None
+
+
 def write_certificate(doc: Mapping, path: str | os.PathLike) -> Path:
     """Validate and write the certificate JSON (temporary file + rename)."""
-    validate_certificate(doc)
     p = Path(path)
-    text = json.dumps(doc, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
+    text = certificate_json_text(doc)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=str(p.parent or "."))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -801,7 +820,7 @@ def _verify_fix(doc, b, handle, claims: list[Claim], *, n_controls, progress, ca
     fr = _finite(new.flip_rate)
     if fr is None or lo is None or hi is None:
         ok = (fr is None) == (cca.get("flip_rate") is None)
-        detail = f"flip rate {fr} (certified {cca.get('flip_rate')})"
+        detail = f"flip rate {_pct_nm(fr)} (certified {_pct_nm(_finite(cca.get('flip_rate')))})"
     else:
         ok = lo - 1e-9 <= fr <= hi + 1e-9 and new.n_variants == cca["n_variants"]
         detail = (f"{_pct(fr)} of {new.n_variants} variants (certified {_pct(cca['flip_rate'])} of "
@@ -812,7 +831,7 @@ def _verify_fix(doc, b, handle, claims: list[Claim], *, n_controls, progress, ca
         then, now = _finite(cca.get(key)), _finite(getattr(new, key))
         n = max(int(cca.get(n_key) or getattr(new, n_key, 0) or 0), 1)
         if then is None or now is None:
-            ok, detail = (then is None) == (now is None), f"{now} (certified {then})"
+            ok, detail = (then is None) == (now is None), f"{_pct_nm(now)} (certified {_pct_nm(then)})"
         else:
             ok = abs(now - then) <= 1.0 / n + 1e-9  # within one prompt of the certified rate
             detail = f"{_pct(now)} (certified {_pct(then)}; tolerance one prompt of {n})"

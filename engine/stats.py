@@ -83,3 +83,21 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
 
     r = spearmanr(x, y).statistic
     return None if not np.isfinite(r) else float(r)
+
+
+def json_safe(obj):
+    """``obj`` with every non-finite float (NaN, ±inf: "not measured") replaced by ``None``, recursively through
+    dicts, lists and tuples (tuples become lists), so ``json.dumps(..., allow_nan=False)`` accepts it: standard JSON
+    has no NaN, and the project's JSON files write "not measured" as ``null``.
+
+    Example:
+        >>> json_safe({"a": float("nan"), "b": [1.0, float("inf")], "c": "x"})
+        {'a': None, 'b': [1.0, None], 'c': 'x'}
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj

@@ -97,6 +97,7 @@ def cmd_record(args) -> int:
                "benign_runs": len(inc.benign.prompts) if inc.benign else 0,
                "weights_embedded": inc.model.weights_safetensors is not None,
                "bytes": out.stat().st_size, "seconds": round(time.perf_counter() - t0, 3)}
+    summary["notes"] = _record_notes(sets, summary["benign_runs"])
     if args.json:
         print(json.dumps(summary))
     else:
@@ -104,7 +105,29 @@ def cmd_record(args) -> int:
         print(f"recorded {out} ({summary['bytes'] / 1e6:.1f} MB): the model {verdict} ({spec}); "
               f"output {inc.run.continuation_text!r}; {summary['n_positions']} tokens x {inc.model.n_layers} layers; "
               f"{summary['benign_runs']} benign runs")
+        for note in summary["notes"]:
+            print(f"  note: {note}")
     return EXIT_OK
+
+
+def _record_notes(sets: dict, n_benign: int) -> list[str]:
+    """What the analyses will not be able to measure on this bundle, and the option that would let them."""
+    from engine.cf import MIN_RUN_CALIBRATION
+
+    notes = []
+    if not sets.get("variants"):
+        notes.append("no held-out failing variants (--variants-file): CCA cannot measure its fix set's flip rate, "
+                     "and its p-value is then not a held-out test")
+    if not sets.get("benign_heldout"):
+        notes.append("no held-out benign prompts (--heldout-file): CCA cannot measure side effects, nor CF its "
+                     "false-positive rates")
+    if not sets.get("counterpart"):
+        notes.append("no benign counterpart (--counterpart): no patching donor, and CCA cannot measure sufficiency")
+    n_heldout = len(sets.get("benign_heldout") or [])
+    if n_benign < MIN_RUN_CALIBRATION and n_heldout < 2 * MIN_RUN_CALIBRATION:
+        notes.append(f"{n_benign} benign reference prompts: CF's run-level verdict (a 5% test) needs at least "
+                     f"{MIN_RUN_CALIBRATION} (--benign-file) or {2 * MIN_RUN_CALIBRATION} held-out benign prompts")
+    return notes
 
 
 def cmd_replay(args) -> int:

@@ -73,7 +73,7 @@ def _pct(x) -> str:
 
 def cmd_cca(args) -> int:
     from engine.bundle import open_bundle
-    from engine.cca import run_cca, torch_threads
+    from engine.cca import not_measured, run_cca, torch_threads
     from engine.replay import load_bundle_model
     from workbench.cli import CliError, _progress
 
@@ -99,11 +99,11 @@ def cmd_cca(args) -> int:
     if args.out:
         out = Path(args.out)
         tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(d, indent=1), encoding="utf-8")
+        tmp.write_text(json.dumps(d, indent=1, allow_nan=False), encoding="utf-8")
         os.replace(tmp, out)
     ok = res.flipped and not res.failed_criteria()
     if args.json:
-        print(json.dumps(d))
+        print(json.dumps(d, allow_nan=False))
         return EXIT_OK if ok else EXIT_MISSED
     print(f"CCA on {args.bundle} [{bundle.failure_spec}]  op={res.op}, ranking: {d['ranking'].get('method')}, "
           f"CF prior: {cf_note}")
@@ -119,17 +119,30 @@ def cmd_cca(args) -> int:
         inc = res.evidence.get("incident", {})
         if "fixed_output" in inc:
             print(f"  output: {inc['baseline_output']!r} -> {inc['fixed_output']!r}")
-    lo, hi = res.flip_rate_ci
-    print(f"  flip rate on held-out variants: {_pct(d['flip_rate'])} of {res.n_variants} "
-          f"(Wilson 95% {_pct(d['flip_rate_ci'][0])}–{_pct(d['flip_rate_ci'][1])})")
-    print(f"  sufficiency (failing activations into benign counterparts): {_pct(d['sufficiency_rate'])} of "
-          f"{res.n_sufficiency}")
-    print(f"  side effects on held-out benign prompts: {_pct(d['side_effect_rate'])} of {res.n_benign} change, "
-          f"mean KL {res.side_effect_kl:.4g}")
+    if d["flip_rate"] is None:
+        print(f"  flip rate on held-out variants: {not_measured('flip_rate', res)}")
+    else:
+        print(f"  flip rate on held-out variants: {_pct(d['flip_rate'])} of {res.n_variants} "
+              f"(Wilson 95% {_pct(d['flip_rate_ci'][0])}–{_pct(d['flip_rate_ci'][1])})")
+    if d["sufficiency_rate"] is None:
+        print(f"  sufficiency (failing activations into benign counterparts): {not_measured('sufficiency_rate', res)}")
+    else:
+        print(f"  sufficiency (failing activations into benign counterparts): {_pct(d['sufficiency_rate'])} of "
+              f"{res.n_sufficiency}")
+    if d["side_effect_rate"] is None:
+        print(f"  side effects on held-out benign prompts: {not_measured('side_effect_rate', res)}")
+    else:
+        print(f"  side effects on held-out benign prompts: {_pct(d['side_effect_rate'])} of {res.n_benign} change, "
+              f"mean KL {res.side_effect_kl:.4g}")
     print(f"  minimality: {res.set_size} element(s), {_pct(d['fraction_of_activations'])} of recorded activation "
           f"values, 1-minimal: {'yes' if res.one_minimal else 'no'}")
-    print(f"  significance: p = {res.p_value:.4g} against {res.n_controls} random control sets; "
-          f"BH q: " + ", ".join(f"{k} {v:.3g}" for k, v in res.fdr.items()))
+    if d["p_value"] is None:
+        print(f"  significance: {not_measured('p_value', res)}")
+    else:
+        on = ("" if (res.evidence.get("controls") or {}).get("held_out", True) else
+              " (on the incident itself, which the set was chosen on: no held-out failing variants)")
+        print(f"  significance: p = {res.p_value:.4g} against {res.n_controls} random control sets{on}; "
+              f"BH q: " + ", ".join(f"{k} {v:.3g}" for k, v in res.fdr.items()))
     rk = d["ranking"]
     if "candidates_evaluated" in rk:
         sp = rk.get("spearman_vs_exact")

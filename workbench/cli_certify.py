@@ -207,10 +207,12 @@ def cmd_certify(args) -> int:
 
 
 def _render(doc: dict, pdf: Path, json_path: Path) -> None:
-    """PDF first (to a temporary name inside ``render_certificate_pdf``), then the JSON; both renamed into place."""
-    from engine.certificate import write_certificate
+    """PDF first (to a temporary name inside ``render_certificate_pdf``), then the JSON; both renamed into place.
+    The JSON is validated before either is written, so an invalid certificate leaves no files behind."""
+    from engine.certificate import certificate_json_text, write_certificate
     from workbench.cli import CliError
 
+    certificate_json_text(doc)  # raises CertificateError (one line on stderr, exit 2) before anything is written
     # the command line never shows a window: draw with Qt's offscreen platform whatever the environment says
     os.environ["QT_QPA_PLATFORM"] = "offscreen"
     try:

@@ -126,6 +126,8 @@ def fill_criteria_table(table: QTableWidget, result) -> None:
 
 def summary_lines(result) -> list[str]:
     """The headline numbers of a CCA result, one per line (all measured by the engine)."""
+    from engine.cca import not_measured  # here, not at import: engine.cca loads torch
+
     lines = []
     if result.partial:
         lines.append("PARTIAL result (the run was cancelled): the evidence below is incomplete.")
@@ -138,19 +140,26 @@ def summary_lines(result) -> list[str]:
         lines.append(f"Flip rate over {result.n_variants} held-out failing variants: {_pct(result.flip_rate)} "
                      f"(Wilson 95% CI {_pct(lo)}\u2013{_pct(hi)})")
     else:
-        lines.append("Flip rate over held-out variants: not measured")
+        lines.append(f"Flip rate over held-out variants: {not_measured('flip_rate', result)}")
     n_suff = getattr(result, "n_sufficiency", 0)
     if n_suff or math.isfinite(result.sufficiency_rate):
         lines.append(f"Sufficiency (failing activations transplanted into benign counterparts): "
                      f"{_pct(result.sufficiency_rate)}" + (f" of {n_suff}" if n_suff else ""))
+    else:
+        lines.append(f"Sufficiency: {not_measured('sufficiency_rate', result)}")
     if result.n_benign:
         changed = round(result.side_effect_rate * result.n_benign)
         lines.append(f"Side effects: {changed}/{result.n_benign} held-out benign prompts changed "
                      f"({_pct(result.side_effect_rate)}), mean KL {_fmt(result.side_effect_kl)} nats")
+    else:
+        lines.append(f"Side effects: {not_measured('side_effect_rate', result)}")
     lines.append(f"Fraction of recorded activations touched: {_pct(result.fraction_of_activations)}; "
                  f"1-minimal: {'yes' if result.one_minimal else 'no'}")
     if result.n_controls:
-        lines.append(f"p-value vs {result.n_controls} random control sets: {_fmt(result.p_value)}")
+        held_out = (result.evidence.get("controls") or {}).get("held_out", True)
+        lines.append(f"p-value vs {result.n_controls} random control sets: {_fmt(result.p_value)}"
+                     + ("" if held_out else " (on the incident itself, which the set was chosen on: not a held-out "
+                        "test)"))
     lines.append(f"{result.forward_passes} forward passes in {result.seconds:.1f} s")
     return lines
 

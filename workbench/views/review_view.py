@@ -288,7 +288,16 @@ class ReviewView(QWidget):
                 it.setToolTip(str(d.get(key, "")))
                 self.side_effects.setItem(r, c, it)
             self.side_effects.setItem(r, 4, _item(_fmt(d.get("kl")), True))
-        self.tabs.setTabText(0, f"Side effects ({sum(1 for d in rows if d.get('changed'))}/{len(rows)} changed)")
+        self.side_effects.clearSpans()
+        if rows:
+            self.tabs.setTabText(0, f"Side effects ({sum(1 for d in rows if d.get('changed'))}/{len(rows)} changed)")
+        else:  # say why the table is empty instead of showing "0/0 changed"
+            from engine.cca import not_measured  # here, not at import: engine.cca loads torch
+
+            self.tabs.setTabText(0, "Side effects (not measured)")
+            self.side_effects.setRowCount(1)
+            self.side_effects.setSpan(0, 0, 1, self.side_effects.columnCount())
+            self.side_effects.setItem(0, 0, _item(not_measured("side_effect_rate", result)))
         fill_criteria_table(self.criteria, result)
         # controls vs observed
         ctrl = result.evidence.get("controls", {}) if isinstance(getattr(result, "evidence", None), dict) else {}
