@@ -314,7 +314,9 @@ def render(bm: dict, res: dict, res_units: dict, sc: dict) -> str:
       "#controls): controls are random sets of the same size and components (random blocks, random positions of the "
       "same count, random heads / neurons of the same count), each different from the set, run on the same held-out "
       "failing variants with the same position rule. The statistic is the flip rate on those variants (the incident "
-      "is left out: the set was chosen on it). A control stops as soon as it reaches the set's flip count or can no "
+      "is left out: the set was chosen on it). A bundle without failing variants falls back to the incident itself "
+      "(`evidence.controls.held_out` false): the number is kept, but the criterion is not met, since the set was "
+      "chosen on that incident. A control stops as soon as it reaches the set's flip count or can no "
       "longer reach it — exactly what the p-value needs; `control_flip_rates` are over the prompts each control ran "
       "(`evidence.controls.prompts_run`) |")
     w("| `fdr`, `evidence.claim_p_values` | Benjamini–Hochberg q-values (`scipy.stats.false_discovery_control`) over "
@@ -330,7 +332,9 @@ def render(bm: dict, res: dict, res_units: dict, sc: dict) -> str:
     w("From seeds 002/003 and issue 6: flip rate ≥ 80% on held-out failing variants, side effects ≤ 5% of held-out "
       "benign prompts, fraction of activations ≤ 5%, 1-minimal, p < 0.01 against ≥ 200 controls (and the incident "
       "flipped). `forensics cca` exits 0 when all hold and 1 when one is missed, printing `MISSED <criterion>: target "
-      "…; measured … ; <gap> below/above target` for each.")
+      "…; measured … ; <gap> below/above target` for each. A number the bundle gives no prompts for (no variants, no "
+      "held-out benign prompts, no counterpart) is `null` in the JSON, its criterion (if it has one) is missed, the "
+      "detail says `not measured: …` with the `forensics record` option that would have supplied them.")
     w("")
     w("## Results on the shipped scenarios")
     w("")
