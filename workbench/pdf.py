@@ -663,13 +663,24 @@ def _page_summary(c: _Canvas, doc: Mapping) -> None:
                      + (" (" + "; ".join(_esc(d.get("site", "")) for d in rej) + ")" if rej else "") + ".")
     if an.get("removed"):
         parts.append("<b>Removed before measuring:</b> " + "; ".join(_esc(r["site"]) for r in an["removed"]) + ".")
-    if an.get("note"):
-        note = an["note"] if len(an["note"]) <= 400 else an["note"][:399] + "\u2026"
-        parts.append(f"<b>Note:</b> \u201c{_esc(note)}\u201d")
-    if not parts:
+    if not parts and not an.get("note"):
         parts.append("<span class='g'>No analyst review was recorded: the evidence above is the automatic "
                      "analysis.</span>")
-    c.fit_para(MARGIN_X, y, CONTENT_W, max(BOTTOM - y, 12), " ".join(parts), 8.5)
+    avail = max(BOTTOM - y, 12)
+    text = " ".join(parts)
+    for limit in (400, 240, 120, 0):  # a long note is cut (never the review) so the block stays readable (>= 6.5 pt)
+        note = (an.get("note") or "").strip()
+        if not note:
+            break
+        if len(note) > limit:
+            note = note[:max(limit - 1, 0)].rstrip() + "\u2026" if limit else ""
+        cut = "" if note == an["note"].strip() else " <span class='g'>(the whole note is in the certificate JSON, " \
+            "analyst.note)</span>"
+        text = " ".join(parts + ([f"<b>Note:</b> \u201c{_esc(note)}\u201d{cut}"] if note else
+                                 [f"<b>Note:</b>{cut}"]))
+        if c.para(MARGIN_X, y, CONTENT_W, text, 6.5, draw=False) <= avail:
+            break
+    c.fit_para(MARGIN_X, y, CONTENT_W, avail, text, 8.5)
 
 
 def _key_tiles(doc: Mapping) -> list[tuple[str, str, str, str | None]]:
