@@ -48,7 +48,11 @@ maxima (of their leave-one-out cell scores, ``T_i``) are the fallback when there
 than ``2 · MIN_RUN_CALIBRATION``) or the baseline file predates the run verdict: on the shipped scenarios they
 under-state a new benign prompt's maximum (a held-out prompt with words or phrasings the reference set lacks has
 higher site scores than a reference prompt left out of one site's aggregate), so a threshold calibrated on them
-flags well over 5 % of held-out benign prompts on some scenarios (``docs/cf.md`` has the measured rates).
+flags well over 5 % of held-out benign prompts on some scenarios (``docs/cf.md`` has the measured rates). With
+fewer than ``MIN_RUN_CALIBRATION`` (19) calibration runs there is **no verdict** (``run_anomalous`` is ``None``,
+``run_no_verdict_reason`` ``"too_few_calibration_runs"``): the conformal 95th percentile does not exist and the
+smallest attainable p-value ``1 / (m + 1)`` is above 5 %, so the run threshold is NaN; the run statistic and its
+p-value are still reported.
 
 **Position anomaly and candidate order.** ``CFResult.position_anomaly[p]`` is the median over the scored sites of
 the token scores at position ``p``: a token anomalous at most layers and sites is anomalous *as an input*.
@@ -92,6 +96,7 @@ FOLDS = 5                     # cross-fitting folds (by prompt token length) for
 THRESHOLD_QUANTILE = 0.975    # of the leave-one-out benign reference cell scores
 RUN_QUANTILE = 0.95           # run verdict: conformal quantile of the benign calibration runs' max site score
 MIN_RUN_CALIBRATION = 19      # fewest calibration runs whose ceil(0.95 (m + 1))-th smallest exists
+NO_VERDICT_REASONS = ("partial", "no_finite_score", "too_few_calibration_runs")  # CFResult.run_no_verdict_reason
 RUN_SPLIT_SEED = 0            # which half of the held-out prompts calibrates the run threshold (the rest measure it)
 MIN_THRESHOLD = 2.0           # never flag below a robust z of 2
 TAIL_Z = 1.6448536269514722   # standard normal 95th percentile: a benign token's score at its role's q95
@@ -164,6 +169,12 @@ class CFResult:
     ``run_p_value`` = ``(1 + #{T_j >= T}) / (1 + n_run_reference)``, ``run_anomalous`` = ``T > run_threshold``
     (``None``: no verdict, e.g. a partial run), ``heldout_run_fpr`` = share of the ``n_run_heldout`` held-out benign
     runs not used for calibration whose T exceeds the run threshold (``None``: not measured).
+
+    ``run_no_verdict_reason`` says why ``run_anomalous`` is ``None`` (see :data:`NO_VERDICT_REASONS`; ``""`` when
+    there is a verdict, or for a result that predates the run verdict): ``"too_few_calibration_runs"`` when the
+    calibration has fewer than ``run_min_calibration`` runs: the conformal 95th percentile does not exist and the
+    smallest attainable p-value ``1 / (n_run_reference + 1)`` is above 5 %, so no 5 % verdict can be made;
+    ``run_threshold`` is then NaN, while ``run_statistic`` and ``run_p_value`` are still computed.
     """
 
     statistic: str
@@ -189,6 +200,8 @@ class CFResult:
     n_run_reference: int = 0
     run_calibration: str = ""
     n_run_heldout: int = 0
+    run_no_verdict_reason: str = ""
+    run_min_calibration: int = MIN_RUN_CALIBRATION
 
     SCHEMA = "forensics.cf-result/1"
 
@@ -213,6 +226,8 @@ class CFResult:
             "heldout_run_fpr": None if self.heldout_run_fpr is None else _num(self.heldout_run_fpr),
             "n_run_reference": self.n_run_reference, "run_calibration": self.run_calibration,
             "n_run_heldout": self.n_run_heldout,
+            "run_no_verdict_reason": (self.run_no_verdict_reason or None) if self.run_anomalous is None else None,
+            "run_min_calibration": self.run_min_calibration,
         }
 
     @classmethod
@@ -224,24 +239,37 @@ class CFResult:
                       for s in d["scores"]]
             findings = [Finding(int(f["layer"]), str(f["site"]), tuple(int(p) for p in f["positions"]),
                                 _unnum(f["score"]), _unnum(f["p_value"])) for f in d["findings"]]
-            return cls(statistic=str(d["statistic"]), threshold=_unnum(d["threshold"]), scores=scores,
-                       findings=findings, heldout_fpr=None if d.get("heldout_fpr") is None else float(d["heldout_fpr"]),
-                       baseline_id=str(d.get("baseline_id", "")), weights_sha256=str(d.get("weights_sha256", "")),
-                       seconds=float(d.get("seconds", 0.0)), partial=bool(d.get("partial", False)),
-                       n_baseline_prompts=int(d.get("n_baseline_prompts", 0)), n_heldout=int(d.get("n_heldout", 0)),
-                       compressor=str(d.get("compressor", DEFAULT_COMPRESSOR)),
-                       bundle_uuid=str(d.get("bundle_uuid", "")),
-                       position_anomaly=tuple(_unnum(v) for v in d.get("position_anomaly", ())),
-                       n_prompt_tokens=int(d.get("n_prompt_tokens", 0)),
-                       run_statistic=_unnum(d.get("run_statistic")), run_threshold=_unnum(d.get("run_threshold")),
-                       run_p_value=_unnum(d.get("run_p_value")),
-                       run_anomalous=None if d.get("run_anomalous") is None else bool(d["run_anomalous"]),
-                       heldout_run_fpr=None if d.get("heldout_run_fpr") is None else float(d["heldout_run_fpr"]),
-                       n_run_reference=int(d.get("n_run_reference", 0)),
-                       run_calibration=str(d.get("run_calibration", "")),
-                       n_run_heldout=int(d.get("n_run_heldout", 0)))
+            res = cls(statistic=str(d["statistic"]), threshold=_unnum(d["threshold"]), scores=scores,
+                      findings=findings, heldout_fpr=None if d.get("heldout_fpr") is None else float(d["heldout_fpr"]),
+                      baseline_id=str(d.get("baseline_id", "")), weights_sha256=str(d.get("weights_sha256", "")),
+                      seconds=float(d.get("seconds", 0.0)), partial=bool(d.get("partial", False)),
+                      n_baseline_prompts=int(d.get("n_baseline_prompts", 0)), n_heldout=int(d.get("n_heldout", 0)),
+                      compressor=str(d.get("compressor", DEFAULT_COMPRESSOR)),
+                      bundle_uuid=str(d.get("bundle_uuid", "")),
+                      position_anomaly=tuple(_unnum(v) for v in d.get("position_anomaly", ())),
+                      n_prompt_tokens=int(d.get("n_prompt_tokens", 0)),
+                      run_statistic=_unnum(d.get("run_statistic")), run_threshold=_unnum(d.get("run_threshold")),
+                      run_p_value=_unnum(d.get("run_p_value")),
+                      run_anomalous=None if d.get("run_anomalous") is None else bool(d["run_anomalous"]),
+                      heldout_run_fpr=None if d.get("heldout_run_fpr") is None else float(d["heldout_run_fpr"]),
+                      n_run_reference=int(d.get("n_run_reference", 0)),
+                      run_calibration=str(d.get("run_calibration", "")),
+                      n_run_heldout=int(d.get("n_run_heldout", 0)),
+                      run_no_verdict_reason=str(d.get("run_no_verdict_reason") or ""),
+                      run_min_calibration=int(d.get("run_min_calibration") or MIN_RUN_CALIBRATION))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CFError(f"malformed CF result: {exc}") from None
+        if res.run_anomalous is not None and res.n_run_reference < res.run_min_calibration:
+            # written before a verdict needed MIN_RUN_CALIBRATION runs: that verdict was not a 5 % test
+            res.run_anomalous, res.run_threshold = None, float("nan")
+            res.heldout_run_fpr, res.n_run_heldout = None, 0   # the rate of a threshold that is not one
+            res.run_no_verdict_reason = "too_few_calibration_runs"
+        elif res.run_anomalous is None and not res.run_no_verdict_reason and (res.partial or res.run_calibration):
+            # written before the reason was recorded (a result with no run_calibration predates the verdict)
+            res.run_no_verdict_reason = "partial" if res.partial else (
+                "no_finite_score" if not math.isfinite(res.run_statistic) else
+                "too_few_calibration_runs" if res.n_run_reference < res.run_min_calibration else "")
+        return res
 
     def score_of(self, layer: int, site: str) -> LayerScore | None:
         for s in self.scores:
@@ -525,7 +553,9 @@ class Baseline:
         false-positive rate measured on the other half. Otherwise the reference prompts' leave-one-out maxima, with
         the rate measured on every held-out run when their statistics exist, else ``None``. For a subset of the
         sites the reference maxima are recomputed over that subset from the stored aggregates, and the rate is
-        ``None`` (the held-out runs were scored on every site).
+        ``None`` (the held-out runs were scored on every site). With fewer than ``MIN_RUN_CALIBRATION`` calibration
+        runs the threshold is NaN and the rate ``None``: there is no 5 % run test to make or to measure
+        (:attr:`RunCalibration.enough`).
         """
         full = keys is None or set(keys) == set(self.sites_data)
         held = self.heldout_run_statistics.get(statistic) if full else None
@@ -539,9 +569,13 @@ class Baseline:
             else:
                 values = reference_run_statistics(self.sites_data, statistic, keys)
             source, tested = "reference", held
-        thr = conformal_threshold(values)
+        values = np.asarray(values, dtype=np.float64)
+        # fewer than MIN_RUN_CALIBRATION runs have no conformal 95th percentile (conformal_threshold would give
+        # their largest, a test at level 1 / (m + 1) > 5 %): no run threshold, no verdict, no rate to measure
+        enough = int(np.isfinite(values).sum()) >= MIN_RUN_CALIBRATION
+        thr = conformal_threshold(values) if enough else float("nan")
         fpr = None if tested is None or not tested.size or not math.isfinite(thr) else float(np.mean(tested > thr))
-        return RunCalibration(source=source, values=np.asarray(values, dtype=np.float64), threshold=thr,
+        return RunCalibration(source=source, values=values, threshold=thr,
                               heldout_fpr=fpr, n_tested=0 if fpr is None else int(tested.size))
 
     def summary(self) -> dict:
@@ -563,6 +597,7 @@ class Baseline:
                 "n_run_calibration": {k: int(rc.values.size) for k, rc in runs.items()},
                 "heldout_run_fprs": {k: opt(rc.heldout_fpr) for k, rc in runs.items()},
                 "heldout_runs_tested": {k: rc.n_tested for k, rc in runs.items()},
+                "run_min_calibration": MIN_RUN_CALIBRATION,
                 "created": self.created, "program": self.program}
 
 
@@ -690,7 +725,8 @@ class RunCalibration:
     Attributes:
         source: ``"heldout"`` (half of the held-out runs) or ``"reference"`` (reference prompts, leave-one-out).
         values: the calibration runs' statistics ``[m]``; p-values are computed against them.
-        threshold: :func:`conformal_threshold` of ``values``.
+        threshold: :func:`conformal_threshold` of ``values``; NaN when there are fewer than ``MIN_RUN_CALIBRATION``
+            finite values (no conformal 95th percentile exists, so no run verdict is made).
         heldout_fpr: share of the held-out runs not used for calibration above ``threshold`` (``None``: not measured).
         n_tested: how many held-out runs ``heldout_fpr`` was measured on.
     """
@@ -700,6 +736,16 @@ class RunCalibration:
     threshold: float
     heldout_fpr: float | None
     n_tested: int
+
+    @property
+    def n(self) -> int:
+        """How many calibration runs (finite values) there are."""
+        return int(np.isfinite(self.values).sum())
+
+    @property
+    def enough(self) -> bool:
+        """Whether a 5 % run verdict can be made: at least ``MIN_RUN_CALIBRATION`` calibration runs."""
+        return self.n >= MIN_RUN_CALIBRATION
 
 
 def run_statistic_of(scores: Sequence[LayerScore]) -> float:
@@ -714,6 +760,45 @@ def format_score(x) -> str:
     if x is None or not math.isfinite(x):
         return "n/a"
     return f"{x:.1f}" if abs(x) >= 10 else f"{x:.2f}"
+
+
+def run_no_verdict_text(reason: str, *, n_calibration: int, calibration: str, run_statistic: float = float("nan"),
+                        run_p_value: float = float("nan"), min_calibration: int = MIN_RUN_CALIBRATION,
+                        where: str = "") -> str:
+    """Why a run has no run-level verdict, for a person (the CLI, the CF view and the certificate print it).
+
+    ``reason`` is a ``CFResult.run_no_verdict_reason`` (``""``: a result written before the run verdict);
+    ``where`` (e.g. ``"L0 resid_pre"``) names the site of the run's maximum score. For too few calibration runs
+    the text says how many a 5 % test needs, which prompts would give them, and where the run stands against the
+    runs there are (the count is recovered exactly from ``run_p_value = (1 + #{T_j >= T}) / (1 + m)``).
+
+    Example:
+        >>> run_no_verdict_text("too_few_calibration_runs", n_calibration=6, calibration="reference",
+        ...                     run_statistic=3321.74, run_p_value=1 / 7)  # doctest: +NORMALIZE_WHITESPACE
+        "6 benign reference runs calibrate it; a 5% test needs at least 19 (give more benign prompts: at least 19
+        with --benign-file, or 38 held-out ones with --heldout-file); the run's max site score 3321.7 exceeds all 6
+        (p = 0.143)"
+    """
+    if reason == "partial":
+        return "partial run: not every site was scored"
+    if reason == "no_finite_score":
+        return "no site has a finite score"
+    if reason != "too_few_calibration_runs":
+        return "this CF result predates the run-level verdict; run CF again"
+    m = int(n_calibration)
+    runs = (f"{m} held-out benign calibration run{'s' if m != 1 else ''}" if calibration == "heldout" else
+            f"{m} benign reference run{'s' if m != 1 else ''}")
+    out = (f"{runs} calibrate{'s' if m == 1 else ''} it; a {1 - RUN_QUANTILE:.0%} test needs at least "
+           f"{min_calibration} (give more benign prompts: at least {min_calibration} with --benign-file, or "
+           f"{2 * min_calibration} held-out ones with --heldout-file)")
+    if m > 0 and run_statistic is not None and math.isfinite(run_statistic) and run_p_value is not None \
+            and math.isfinite(run_p_value):
+        above = m - (round(run_p_value * (m + 1)) - 1)  # runs whose statistic is below T
+        n_words = f"all {m}" if above == m else f"none of the {m}" if above == 0 else f"{above} of {m}"
+        site = f" ({where})" if where else ""
+        out += (f"; the run's max site score {format_score(run_statistic)}{site} exceeds {n_words} "
+                f"(p = {run_p_value:.3g})")
+    return out
 
 
 def run_p_value(t: float, run_stats: np.ndarray) -> float:
@@ -1333,7 +1418,10 @@ def run_cf(bundle, handle=None, *, baseline: Baseline | None = None, statistic: 
     thr = baseline.thresholds[statistic]
     rc = baseline.run_calibration(statistic, keys)
     run_t = float("nan") if partial else run_statistic_of(scores)  # a partial run claims no verdict
-    verdict = math.isfinite(run_t) and math.isfinite(rc.threshold)
+    why = ("partial" if partial else "no_finite_score" if not math.isfinite(run_t) else
+           "too_few_calibration_runs" if not rc.enough else "")
+    verdict = not why and math.isfinite(rc.threshold)
+    has_p = math.isfinite(run_t) and rc.values.size > 0  # the p-value is real even where no 5 % verdict can be made
     return CFResult(statistic=statistic, threshold=thr, scores=scores, findings=findings_from(scores, thr),
                     heldout_fpr=baseline.heldout_fprs.get(statistic), baseline_id=baseline.baseline_id,
                     weights_sha256=sha, seconds=time.perf_counter() - t0, partial=partial,
@@ -1341,6 +1429,7 @@ def run_cf(bundle, handle=None, *, baseline: Baseline | None = None, statistic: 
                     compressor=baseline.compressor, bundle_uuid=bundle.uuid,
                     position_anomaly=position_anomaly(scores), n_prompt_tokens=int(bundle.n_prompt_tokens),
                     run_statistic=run_t, run_threshold=rc.threshold,
-                    run_p_value=run_p_value(run_t, rc.values) if verdict else float("nan"),
+                    run_p_value=run_p_value(run_t, rc.values) if has_p else float("nan"),
                     run_anomalous=bool(run_t > rc.threshold) if verdict else None, heldout_run_fpr=rc.heldout_fpr,
-                    n_run_reference=int(rc.values.size), run_calibration=rc.source, n_run_heldout=rc.n_tested)
+                    n_run_reference=int(rc.values.size), run_calibration=rc.source, n_run_heldout=rc.n_tested,
+                    run_no_verdict_reason=why)

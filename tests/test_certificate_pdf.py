@@ -172,3 +172,43 @@ def test_cancelled_analysis_with_long_inputs_still_renders_readably(demo_bundle,
         assert "".join(cmd.split()) in squeezed, cmd
     assert "Compression Forensics was not run" in flat(text)
     assert_text_inside_margins(pdf)
+
+
+def test_cf_with_too_few_benign_runs_gives_no_run_verdict_in_clean_sentences(demo_bundle, tmp_path):
+    """CF calibrated on 6 benign prompts and no held-out ones (a user's own incident): the CF page and the summary
+    tile give no run verdict and say why; the site threshold's false-positive rate reads as not measured, and why. A
+    CF result written before the rule, with a verdict from 6 runs, reads the same way."""
+    import jsonschema
+    import scenarios
+    from engine.bundle import open_bundle
+    from engine.cf import build_baseline, format_score, run_cf
+
+    handle, cca, rep = demo_evidence(demo_bundle)
+    prompts = list(scenarios.get("gpt2-prompt-injection").benign_reference[:6])
+    with open_bundle(demo_bundle) as b:
+        res = run_cf(b, handle, baseline=build_baseline(handle, prompts, statistic="distance"), statistic="distance")
+    assert res.run_anomalous is None and res.n_heldout == 0 and res.heldout_fpr is None
+    new = res.to_dict()
+    old = {k: v for k, v in new.items() if k not in ("run_no_verdict_reason", "run_min_calibration")}
+    old.update(run_anomalous=True, run_threshold=5.24)         # as written before a verdict needed 19 runs
+    schema = json.loads((Path(__file__).resolve().parents[1] / "resources" / "schemas" /
+                         "certificate-v1.json").read_text(encoding="utf-8"))
+    for name, cf in (("new", new), ("old", old)):
+        commands = reproduction_commands(demo_bundle, pdf_path=tmp_path / f"{name}.pdf", n_controls=cca.n_controls)
+        doc = build_certificate(demo_bundle, cca=cca, cf=cf, replay_report=rep, commands=commands)
+        jsonschema.Draft202012Validator(schema).validate(json.loads(json.dumps(doc)))
+        pdf = tmp_path / f"{name}.pdf"
+        render_certificate_pdf(doc, pdf)
+        body = flat(pdftotext(pdf))
+        assert ("Taken as a whole (a family-wise test over every site), the run gets no verdict: 6 benign reference "
+                "runs calibrate it; a 5% test needs at least 19 (give more benign prompts: at least 19 with "
+                "--benign-file, or 38 held-out ones with --heldout-file); the run's max site score "
+                f"{format_score(res.run_statistic)} exceeds") in body, name
+        assert f"(p = {res.run_p_value:.3g})." in body, name
+        assert (f"flagged above the threshold {res.threshold:.3g}, whose false-positive rate was not measured (the "
+                "baseline holds no held-out benign prompts).") in body, name
+        assert "no run verdict (6 benign runs; a 5% test needs 19)" in body, name
+        assert "held-out FPR not measured" in body, name
+        for wrong in ("run anomalous", "the run is anomalous", "is n/a", "flags not measured", "conformal 95th"):
+            assert wrong not in body, (name, wrong)
+    assert_text_inside_margins(pdf)

@@ -213,28 +213,47 @@ def test_run_statistics_are_the_reference_prompts_max_leave_one_out_scores(tiny_
     assert rc.n_tested == 30 and rc.heldout_fpr == pytest.approx(np.mean(held > rc.threshold))
 
 
-def test_old_baseline_file_still_gives_a_verdict(demo, tmp_path):
-    import shutil
-
-    path = shutil.copy(demo["path"], tmp_path / "old.baseline.h5")
-    with h5py.File(path, "r+") as f:                    # as written before the run-level verdict existed
-        del f["heldout_run_calibration"]
+def _strip_run_verdict(path) -> None:
+    """Make a baseline file look as it was written before the run-level verdict existed."""
+    with h5py.File(path, "r+") as f:
+        if "heldout_run_calibration" in f:
+            del f["heldout_run_calibration"]
         del f.attrs["run_quantile"]
         for st in f["statistics"]:
             g = f["statistics"][st]
-            del g["run_statistics"], g["heldout_run_statistics"]
+            for name in ("run_statistics", "heldout_run_statistics"):
+                if name in g:
+                    del g[name]
             for a in ("run_threshold", "run_calibration", "heldout_run_fpr"):
                 del g.attrs[a]
+
+
+def test_old_baseline_file_recomputes_the_run_calibration(demo, tiny_base, tmp_path):
+    import shutil
+
+    path = shutil.copy(demo["path"], tmp_path / "old.baseline.h5")
+    _strip_run_verdict(path)
     old = cf.load_baseline(path, weights_sha256=demo["base"].weights_sha256)
     assert old.summary()["thresholds"] == demo["base"].summary()["thresholds"]   # the site test is unchanged
     for st in cf.STATISTICS:
         assert np.array_equal(old.run_statistics[st], demo["base"].run_statistics[st])  # recomputed on load
         rc = old.run_calibration(st)
         assert rc.source == "reference" and rc.heldout_fpr is None and rc.n_tested == 0
-        assert rc.threshold == cf.conformal_threshold(demo["base"].run_statistics[st])
+        # the demo bundle holds 16 reference prompts: too few runs for a 5 % test, so no run threshold
+        assert old.n_prompts == 16 < cf.MIN_RUN_CALIBRATION and not rc.enough and math.isnan(rc.threshold)
     res = cf.run_cf(demo["bundle"], demo["handle"], baseline=old, statistic="distance")
-    assert res.run_anomalous is True and res.heldout_run_fpr is None and res.run_calibration == "reference"
+    assert res.run_anomalous is None and res.run_no_verdict_reason == "too_few_calibration_runs"
+    assert res.heldout_run_fpr is None and res.run_calibration == "reference"
     assert res.n_run_reference == old.n_prompts and res.scores == demo["res"].scores
+    ref = demo["base"].run_statistics["distance"]
+    assert res.run_p_value == pytest.approx((1 + np.sum(ref >= res.run_statistic)) / (1 + ref.size))
+    # an old file with enough reference prompts (40) still gives a verdict, calibrated on them as before
+    tiny_path = tiny_base.save(tmp_path / "tiny-old.baseline.h5")
+    _strip_run_verdict(tiny_path)
+    tiny_old = cf.load_baseline(tiny_path)
+    rc = tiny_old.run_calibration("distance")
+    assert rc.source == "reference" and rc.enough and rc.values.size == 40
+    assert rc.threshold == cf.conformal_threshold(tiny_base.run_statistics["distance"])
     # found in the cache, such a file is rebuilt once (to measure the held-out runs), not used as it is
     prompts, heldout = cf.bundle_prompts(demo["bundle"])
     sha = demo["base"].weights_sha256
@@ -253,6 +272,87 @@ def test_run_verdict_round_trips_and_older_results_have_none(demo):
     old = cf.CFResult.from_dict(older)
     assert old.run_anomalous is None and old.heldout_run_fpr is None and math.isnan(old.run_p_value)
     assert old.ranking() == demo["res"].ranking()
+
+
+@pytest.fixture(scope="module")
+def few_runs(demo):
+    """The demo incident scored against baselines of its model from the first 6, 18 and 19 benign reference prompts
+    of its scenario (no held-out prompts): the reference runs calibrate the run verdict."""
+    import scenarios
+
+    prompts = list(scenarios.get("gpt2-prompt-injection").benign_reference)
+    out = {}
+    for n in (6, 18, 19):
+        base = cf.build_baseline(demo["handle"], prompts[:n], statistic="distance")
+        out[n] = (base, cf.run_cf(demo["bundle"], demo["handle"], baseline=base, statistic="distance"))
+    return out
+
+
+def test_too_few_calibration_runs_give_no_run_verdict(few_runs):
+    for n in (6, 18):
+        base, res = few_runs[n]
+        ref = base.run_statistics["distance"]
+        assert res.run_calibration == "reference" and res.n_run_reference == n and res.n_heldout == 0
+        # the smallest attainable p-value 1 / (n + 1) is above 5 %: no verdict, no run threshold, no rate
+        assert res.run_anomalous is None and res.run_no_verdict_reason == "too_few_calibration_runs"
+        assert math.isnan(res.run_threshold) and res.heldout_run_fpr is None
+        assert not base.run_calibration("distance").enough
+        # the run statistic and its p-value are still the real ones
+        assert res.run_statistic == max(s.score for s in res.scores)
+        assert res.run_p_value == pytest.approx((1 + np.sum(ref >= res.run_statistic)) / (1 + n))
+        assert res.run_p_value >= 1 / (n + 1) > 1 - cf.RUN_QUANTILE
+        d = json.loads(json.dumps(res.to_dict()))
+        assert d["run_anomalous"] is None and d["run_threshold"] is None
+        assert d["run_no_verdict_reason"] == "too_few_calibration_runs"
+        assert d["run_min_calibration"] == cf.MIN_RUN_CALIBRATION == 19
+        back = cf.CFResult.from_dict(d)
+        assert back.run_anomalous is None and back.run_no_verdict_reason == "too_few_calibration_runs"
+        # the per-site test does not depend on the run verdict
+        assert res.findings == cf.findings_from(res.scores, res.threshold)
+        s = base.summary()
+        assert s["run_thresholds"]["distance"] is None and s["n_run_calibration"]["distance"] == n
+    # 19 runs: the conformal 95th percentile exists (the 19th smallest of 19) and the verdict is made as before
+    base, res = few_runs[19]
+    ref = base.run_statistics["distance"]
+    assert res.run_no_verdict_reason == "" and res.to_dict()["run_no_verdict_reason"] is None
+    assert res.run_threshold == cf.conformal_threshold(ref) == ref.max()
+    assert res.run_anomalous is bool(res.run_statistic > ref.max())
+    assert res.run_p_value == pytest.approx((1 + np.sum(ref >= res.run_statistic)) / 20)
+
+
+def test_run_no_verdict_text_says_why_and_where_the_run_stands(few_runs):
+    base, res = few_runs[6]
+    ref = base.run_statistics["distance"]
+    text = cf.run_no_verdict_text(res.run_no_verdict_reason, n_calibration=res.n_run_reference,
+                                  calibration=res.run_calibration, run_statistic=res.run_statistic,
+                                  run_p_value=res.run_p_value)
+    above = int(np.sum(ref < res.run_statistic))
+    assert text.startswith("6 benign reference runs calibrate it; a 5% test needs at least 19 (give more benign "
+                           "prompts: at least 19 with --benign-file, or 38 held-out ones with --heldout-file); ")
+    assert (f"the run's max site score {cf.format_score(res.run_statistic)} exceeds "
+            f"{'all 6' if above == 6 else f'{above} of 6'} (p = {res.run_p_value:.3g})") in text
+    # the count is recovered from the p-value exactly, for any position of the run among the calibration runs
+    v = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    for t, words in ((7.0, "all 6"), (4.5, "4 of 6"), (4.0, "3 of 6"), (0.5, "none of the 6")):
+        got = cf.run_no_verdict_text("too_few_calibration_runs", n_calibration=6, calibration="reference",
+                                     run_statistic=t, run_p_value=cf.run_p_value(t, v))
+        assert f"exceeds {words} (p = {cf.run_p_value(t, v):.3g})" in got, got
+    assert cf.run_no_verdict_text("partial", n_calibration=6, calibration="reference") == \
+        "partial run: not every site was scored"
+
+
+def test_an_older_result_with_too_few_runs_is_read_as_no_verdict(demo):
+    d = json.loads(json.dumps(demo["res"].to_dict()))
+    # as `forensics cf --out` wrote it before the rule: a verdict from 6 reference runs, without the new keys
+    d.update(run_anomalous=True, n_run_reference=6, run_calibration="reference", run_p_value=1 / 7)
+    del d["run_no_verdict_reason"], d["run_min_calibration"]
+    old = cf.CFResult.from_dict(d)
+    assert old.run_anomalous is None and old.run_no_verdict_reason == "too_few_calibration_runs"
+    assert math.isnan(old.run_threshold) and old.run_p_value == pytest.approx(1 / 7)
+    assert old.run_statistic == demo["res"].run_statistic
+    # the shipped demo's own verdict (48 held-out calibration runs) is untouched by the round trip
+    back = cf.CFResult.from_dict(json.loads(json.dumps(demo["res"].to_dict())))
+    assert back.run_anomalous is True and back.run_no_verdict_reason == ""
 
 
 # ----- the baseline file ----------------------------------------------------------------------------------------
@@ -379,6 +479,56 @@ def test_cli_cf_json_and_text(demo, capsys, tmp_path):
     rcal = demo["base"].run_calibration("distance")
     assert (f"run verdict: threshold {_score(rcal.threshold)} (conformal 95th percentile of {rcal.values.size} "
             f"held-out benign calibration runs); held-out benign runs flagged: {rcal.heldout_fpr:.1%}") in out
+
+
+def test_cli_cf_with_few_benign_prompts_and_none_held_out_says_why_there_is_no_verdict(tiny_gpt2, capsys,
+                                                                                       tmp_path):
+    """A user's own incident recorded with 6 benign prompts and no --heldout-file: no run verdict, said plainly, and
+    the held-out rates read as not measured, in clean sentences."""
+    from conftest import TINY_PROMPT
+
+    model = tmp_path / "model"
+    tiny_gpt2.model.save_pretrained(model, safe_serialization=True)
+    tiny_gpt2.tokenizer.save_pretrained(model)
+    (tmp_path / "benign.txt").write_text("\n".join(_sentences(5, 6)) + "\n", encoding="utf-8")
+    bundle = tmp_path / "incident.h5"
+    rc, out, err = _cli(capsys, "record", "--model", model, "--prompt", TINY_PROMPT, "--failure", "contains:the",
+                        "--benign-file", tmp_path / "benign.txt", "--out", bundle, "--max-new-tokens", "4", "--json")
+    assert rc == 0, err
+    rc, out, err = _cli(capsys, "cf", bundle, "--json")
+    assert rc == 0, err
+    d = json.loads(out)
+    assert d["n_baseline_prompts"] == 6 and d["n_heldout"] == 0 and d["heldout_fpr"] is None
+    assert d["run_anomalous"] is None and d["run_no_verdict_reason"] == "too_few_calibration_runs"
+    assert d["run_threshold"] is None and d["n_run_reference"] == 6 and d["run_p_value"] >= 1 / 7
+    rc, out, err = _cli(capsys, "cf", bundle)
+    assert rc == 0, err
+    lines = out.splitlines()
+    verdict = next(x for x in lines if "run verdict" in x).strip()
+    res = cf.CFResult.from_dict(d)
+    above = round(6 - (res.run_p_value * 7 - 1))
+    top = max(res.scores, key=lambda s: s.score)
+    assert verdict == ("run verdict: none — 6 benign reference runs calibrate it; a 5% test needs at least 19 (give "
+                       "more benign prompts: at least 19 with --benign-file, or 38 held-out ones with "
+                       "--heldout-file); the run's max site score "
+                       f"{cf.format_score(res.run_statistic)} (L{top.layer} {top.site}) exceeds "
+                       f"{'all 6' if above == 6 else 'none of the 6' if above == 0 else f'{above} of 6'} "
+                       f"(p = {res.run_p_value:.3g})")
+    assert "ANOMALOUS" not in out and "conformal" not in verdict
+    threshold = next(x for x in lines if x.strip().startswith("threshold ")).strip()
+    assert threshold.endswith("; held-out benign false-positive rate not measured (no held-out benign prompts: give "
+                              "some with --heldout-file)")
+    assert "not measured of" not in out
+    # the baseline it built and cached beside the bundle reads the same way
+    rc, out, err = _cli(capsys, "baseline", "info", tmp_path / "incident.baseline.h5")
+    assert rc == 0, err
+    assert "held-out false-positive rate not measured (no held-out benign prompts: give some with --heldout-file)" \
+        in out
+    assert "run verdict: none — 6 benign reference runs calibrate it; a 5% test needs at least 19" in out
+    assert "not measured of" not in out and "conformal" not in out
+    rc, out, err = _cli(capsys, "baseline", "info", tmp_path / "incident.baseline.h5", "--json")
+    s = json.loads(out)
+    assert s["run_thresholds"]["distance"] is None and s["run_min_calibration"] == 19
 
 
 def test_cli_bad_input_is_one_line(demo, tiny_base, capsys, tmp_path):

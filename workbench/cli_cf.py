@@ -82,13 +82,35 @@ def _run_fpr_words(fpr, n_tested: int, source: str, n_heldout: int) -> str:
     return f"{fpr:.1%} of {n_tested}{others} (target <= 5%)"
 
 
+def _site_fpr_words(fpr, n_heldout: int, label: str = "held-out benign false-positive rate") -> str:
+    """The site threshold's held-out false-positive rate as a clause of a sentence."""
+    if fpr is None or (isinstance(fpr, float) and math.isnan(fpr)):
+        why = ("no held-out benign prompts: give some with --heldout-file" if not n_heldout else
+               "the baseline does not hold it; rebuild it with `forensics baseline build`")
+        return f"{label} not measured ({why})"
+    return f"{label} {fpr:.1%} of prompt x site cells (target <= 5%)"
+
+
+def _top_site(res) -> str:
+    finite = [s for s in res.scores if math.isfinite(s.score)]
+    if not finite:
+        return ""
+    top = max(finite, key=lambda s: s.score)
+    return f"L{top.layer} {top.site}"
+
+
 def run_verdict_line(res) -> str:
     """The run-level (family-wise) verdict of a ``CFResult`` in one line."""
-    from engine.cf import RUN_QUANTILE, format_score
+    from engine.cf import RUN_QUANTILE, format_score, run_no_verdict_text
 
     fpr = _run_fpr_words(res.heldout_run_fpr, res.n_run_heldout, res.run_calibration, res.n_heldout)
     if res.run_anomalous is None:
-        why = "partial run: not every site was scored" if res.partial else "no site has a finite score"
+        reason = res.run_no_verdict_reason or ("partial" if res.partial else "")
+        why = run_no_verdict_text(reason, n_calibration=res.n_run_reference, calibration=res.run_calibration,
+                                  run_statistic=res.run_statistic, run_p_value=res.run_p_value,
+                                  min_calibration=res.run_min_calibration, where=_top_site(res))
+        if reason == "too_few_calibration_runs":  # no run threshold: no rate of it to measure
+            return f"run verdict: none — {why}"
         return f"run verdict: none ({why}); held-out benign runs flagged: {fpr}"
     top = max((s for s in res.scores if math.isfinite(s.score)), key=lambda s: s.score)
     word, rel = ("ANOMALOUS", ">") if res.run_anomalous else ("not anomalous", "<=")
@@ -151,7 +173,7 @@ def _print_cf(args, bundle, res, source: str, seconds: float) -> None:
     print(f"  baseline {res.baseline_id} ({source}): {res.n_baseline_prompts} benign reference prompts, "
           f"{res.n_heldout} held-out")
     print(f"  threshold {res.threshold:.3g} (97.5th percentile of leave-one-out benign reference scores); "
-          f"held-out benign false-positive rate {_pct(res.heldout_fpr)} of prompt x site cells (target <= 5%)")
+          f"{_site_fpr_words(res.heldout_fpr, res.n_heldout)}")
     print(f"  {run_verdict_line(res)}")
     print("  per-layer anomaly score (robust z against the benign prompts; * = above the threshold):")
     print("    layer " + "".join(f"{s:>14s}" for s in sites))
@@ -182,17 +204,27 @@ def _print_cf(args, bundle, res, source: str, seconds: float) -> None:
 
 # ----- forensics baseline ---------------------------------------------------------------------------------------
 def _summary_lines(summary: dict) -> list[str]:
-    from engine.cf import format_score
+    from engine.cf import MIN_RUN_CALIBRATION, format_score, run_no_verdict_text
 
     out = [f"  model weights sha256 {summary['weights_sha256'][:16]}…, {summary['n_layers']} layers x "
            f"{len(summary['sites'])} sites, d_model {summary['d_model']}",
            f"  {summary['n_prompts']} benign reference prompts, {summary['n_heldout']} held-out; compressor "
            f"{summary['compressor']}, {summary['levels']} levels per robust sd"]
     for st in summary["statistics"]:
-        out.append(f"  {st:8s}: threshold {summary['thresholds'][st]:.3g}; held-out false-positive rate "
-                   f"{_pct(summary['heldout_fprs'].get(st))} of {summary['heldout_cells'].get(st, 0)} prompt x site "
-                   f"cells ({_pct(summary['heldout_prompt_fprs'].get(st))} of prompts with any flag)")
+        if summary["heldout_fprs"].get(st) is None:
+            site_fpr = _site_fpr_words(None, summary["n_heldout"], "held-out false-positive rate")
+        else:
+            site_fpr = (f"held-out false-positive rate {_pct(summary['heldout_fprs'][st])} of "
+                        f"{summary['heldout_cells'].get(st, 0)} prompt x site cells "
+                        f"({_pct(summary['heldout_prompt_fprs'].get(st))} of prompts with any flag)")
+        out.append(f"  {st:8s}: threshold {summary['thresholds'][st]:.3g}; {site_fpr}")
         src = summary["run_calibration"][st]
+        need = int(summary.get("run_min_calibration") or MIN_RUN_CALIBRATION)
+        if summary["n_run_calibration"][st] < need:
+            why = run_no_verdict_text("too_few_calibration_runs", n_calibration=summary["n_run_calibration"][st],
+                                      calibration=src, min_calibration=need)
+            out.append(f"  {'':8s}  run verdict: none — {why}")
+            continue
         fpr = _run_fpr_words(summary["heldout_run_fprs"][st], summary["heldout_runs_tested"][st], src,
                              summary["n_heldout"])
         out.append(f"  {'':8s}  run verdict: threshold {format_score(summary['run_thresholds'][st])} (conformal 95th "

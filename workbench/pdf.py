@@ -729,11 +729,18 @@ def _key_tiles(doc: Mapping) -> list[tuple[str, str, str, str | None]]:
     ]
     if cf:
         flagged = sum(1 for s in cf.get("scores", []) if s.get("flagged"))
-        run = cf.get("run_anomalous")
+        run, reason = _cf_run_verdict(cf)
+        fpr = ("not measured" if _finite(cf.get("heldout_fpr")) is None else _pct(cf.get("heldout_fpr")))
+        if run is not None:
+            run_words = (f" \u00b7 run {'anomalous' if run else 'not anomalous'} "
+                         f"(p {_num(cf.get('run_p_value'), '.3g')})")
+        elif reason == "too_few_calibration_runs":
+            run_words = (f" \u00b7 no run verdict ({int(cf.get('n_run_reference') or 0)} benign runs; a 5% test "
+                         f"needs {_run_min_calibration(cf)})")
+        else:
+            run_words = ""
         tiles.append((f"{flagged} of {len(cf.get('scores', []))}", "sites flagged by CF",
-                      f"threshold {_num(cf.get('threshold'))} \u00b7 held-out FPR {_pct(cf.get('heldout_fpr'))}"
-                      + ("" if run is None else f" \u00b7 run {'anomalous' if run else 'not anomalous'} "
-                         f"(p {_num(cf.get('run_p_value'), '.3g')})"), None))
+                      f"threshold {_num(cf.get('threshold'))} \u00b7 held-out FPR {fpr}" + run_words, None))
     else:
         tiles.append(("not run", "Compression Forensics", "no CF result in this certificate", None))
     tiles.append((f"{int(cca.get('forward_passes') or 0):,}", "forward passes",
@@ -758,22 +765,70 @@ def _tiles(c: _Canvas, y: float, tiles, cols: int = 4, h: float = 54.0) -> float
     return y + rows * h + (rows - 1) * gap
 
 
-def _run_verdict_sentence(cf: Mapping) -> str:
-    """The CF run-level (family-wise) verdict in one sentence; empty for a result without one."""
+def _nan_if_none(x: float | None) -> float:
+    return float("nan") if x is None else x
+
+
+def _run_min_calibration(cf: Mapping) -> int:
+    from engine.cf import MIN_RUN_CALIBRATION
+
+    return int(cf.get("run_min_calibration") or MIN_RUN_CALIBRATION)
+
+
+def _cf_run_verdict(cf: Mapping) -> tuple[bool | None, str]:
+    """``(run_anomalous, run_no_verdict_reason)`` of a CF result dict. A verdict calibrated on fewer runs than a 5 %
+    test needs (a CF result written before that rule) is no verdict: its smallest p-value was above 5 %."""
     run = cf.get("run_anomalous")
+    reason = str(cf.get("run_no_verdict_reason") or "")
+    if run is not None and int(cf.get("n_run_reference") or 0) < _run_min_calibration(cf):
+        return None, "too_few_calibration_runs"
+    if run is None and not reason:
+        reason = "partial" if cf.get("partial") else ""
+    return (None if run is None else bool(run)), reason
+
+
+def _run_verdict_sentence(cf: Mapping) -> str:
+    """The CF run-level (family-wise) verdict in one sentence; empty for a result without one (a partial run, or a
+    result that predates the run verdict)."""
+    from engine.cf import run_no_verdict_text
+
+    run, reason = _cf_run_verdict(cf)
     if run is None:
-        return ""
+        if reason != "too_few_calibration_runs":
+            return ""
+        why = run_no_verdict_text(reason, n_calibration=int(cf.get("n_run_reference") or 0),
+                                  calibration=str(cf.get("run_calibration") or ""),
+                                  run_statistic=_nan_if_none(_finite(cf.get("run_statistic"))),
+                                  run_p_value=_nan_if_none(_finite(cf.get("run_p_value"))),
+                                  min_calibration=_run_min_calibration(cf))
+        return (" Taken as a whole (a family-wise test over every site), the run gets <b>no verdict</b>: "
+                f"{_esc(why)}.")
     n_ref = int(cf.get("n_run_reference") or 0)
     calib = "held-out benign calibration runs" if cf.get("run_calibration") == "heldout" else "benign reference runs"
     fpr = cf.get("heldout_run_fpr")
-    measured = ("not measured" if fpr is None else
-                f"<b>{_pct(fpr)}</b> of {int(cf.get('n_run_heldout') or 0)} other held-out benign runs")
+    if fpr is not None:
+        measured = f"flags <b>{_pct(fpr)}</b> of {int(cf.get('n_run_heldout') or 0)} other held-out benign runs"
+    elif not int(cf.get("n_heldout") or 0):
+        measured = "was not tested on held-out benign runs (the baseline holds no held-out benign prompts)"
+    else:
+        measured = "was not tested on held-out benign runs (the baseline does not hold their run statistics)"
     return (f" Taken as a whole (a family-wise test over every site), the run is <b>"
             f"{'anomalous' if run else 'not anomalous'}</b>: its largest site score "
             f"{_num(cf.get('run_statistic'), '.4g')} {'exceeds' if run else 'does not exceed'} the run threshold "
             f"{_num(cf.get('run_threshold'), '.4g')}, the "
             f"conformal 95th percentile of {n_ref} {calib} (p = {_num(cf.get('run_p_value'), '.3g')}); that threshold "
-            f"flags {measured}.")
+            f"{measured}.")
+
+
+def _site_fpr_clause(cf: Mapping) -> str:
+    """The end of the CF page's sentence about the site threshold: its measured held-out false-positive rate."""
+    n = int(cf.get("n_heldout") or 0)
+    if _finite(cf.get("heldout_fpr")) is not None:
+        return (f"whose false-positive rate measured on {n or 'the'} held-out benign prompts is "
+                f"<b>{_pct(cf.get('heldout_fpr'))}</b>.")
+    why = ("the baseline holds no held-out benign prompts" if not n else
+           "the baseline does not hold it")
+    return f"whose false-positive rate was not measured ({why})."
 
 
 def _page_cf(c: _Canvas, doc: Mapping) -> None:
@@ -791,8 +846,7 @@ def _page_cf(c: _Canvas, doc: Mapping) -> None:
              + (f", compressor {_esc(cf['compressor'])}" if cf.get("compressor") else "")
              + f"; {int(cf.get('n_baseline_prompts') or 0) or 'the'} benign reference prompts). The score is a robust "
              f"z of the site's most anomalous prompt token; a site is <b>flagged</b> above the threshold "
-             f"<b>{_num(thr)}</b>, whose false-positive rate measured on {int(cf.get('n_heldout') or 0) or ''} "
-             f"held-out benign prompts is <b>{_pct(cf.get('heldout_fpr'))}</b>."
+             f"<b>{_num(thr)}</b>, " + _site_fpr_clause(cf)
              + _run_verdict_sentence(cf)
              + (" <b>PARTIAL</b>: CF was cancelled before every site was scored." if cf.get("partial") else ""))
     y += c.para(MARGIN_X, y, CONTENT_W, intro, 8.5) + 8

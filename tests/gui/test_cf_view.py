@@ -100,3 +100,34 @@ def test_cf_run_fills_plot_live_and_bar_click_jumps(qtbot, session):
         qtbot.mouseClick(view.plot.viewport(), Qt.MouseButton.LeftButton, pos=pos)
     assert jump.args == [best.layer, best.site]
     assert "p = " in view.plot.tooltip_for(best.layer, best.site)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("engine.cf") is None, reason="engine.cf has not landed")
+def test_too_few_benign_runs_show_no_run_verdict_and_say_why(qtbot, session):
+    """The demo incident scored against a baseline of 6 benign prompts and no held-out ones (as a user's own incident
+    recorded with a few prompts): the badge gives no verdict, the line says why and what would give one."""
+    import scenarios
+    from engine.cf import build_baseline, format_score, run_cf
+    from engine.replay import load_bundle_model
+    from workbench.views.cf_view import CFView
+
+    handle = load_bundle_model(session.bundle)
+    prompts = list(scenarios.get("gpt2-prompt-injection").benign_reference[:6])
+    res = run_cf(session.bundle, handle, baseline=build_baseline(handle, prompts, statistic="distance"),
+                 statistic="distance")
+    assert res.run_anomalous is None and res.run_no_verdict_reason == "too_few_calibration_runs"
+    view = CFView(session, session.runner)
+    qtbot.addWidget(view)
+    view.resize(900, 600)
+    view.show()
+    qtbot.waitExposed(view)
+    session.set_cf(res)
+    assert view.verdict_badge.isVisible() and view.verdict_badge.text() == "No run verdict"
+    detail = view.verdict_label.text()
+    assert detail.startswith("6 benign reference runs calibrate it; a 5% test needs at least 19 (give more benign "
+                             "prompts: at least 19 with --benign-file, or 38 held-out ones with --heldout-file); ")
+    assert f"the run's max site score {format_score(res.run_statistic)} exceeds" in detail
+    assert f"(p = {res.run_p_value:.3g})" in detail
+    assert "ANOMALOUS" not in detail and "run threshold" not in detail and "not measured of" not in detail
+    assert "held-out benign FPR not measured (no held-out benign prompts)" in view.state_label.text()
+    assert view.verdict_label.geometry().right() <= view.width()

@@ -6,7 +6,7 @@ state and stops once the run is over.  Clicking a bar (or a row of the findings 
 ``session.site_requested(layer, site)`` so the layer browser jumps there.  The final result is published with
 ``session.set_cf``.  Under the state line a badge gives the run-level (family-wise) verdict: is the run as a whole
 anomalous (its maximum site score above the run threshold calibrated on benign runs), with the share of held-out
-benign runs that threshold flags.
+benign runs that threshold flags; with too few benign runs for a 5% test it says there is no verdict, and why.
 """
 
 from __future__ import annotations
@@ -28,18 +28,23 @@ _BADGE = {True: (FAIL_BG, FAIL_FG), False: ("#c9f0c9", "#145214"), None: ("#e4e4
 
 def run_verdict_text(result) -> tuple[str, str]:
     """``(badge, detail)`` of a ``CFResult``'s run-level verdict, as the view shows them."""
-    from engine.cf import format_score
+    from engine.cf import format_score, run_no_verdict_text
 
     if result.heldout_run_fpr is None:
-        fpr = "held-out benign runs flagged: not measured"
+        why = ("no held-out benign prompts" if not result.n_heldout else
+               "rebuild the baseline with forensics baseline build to measure it")
+        fpr = f"held-out benign runs flagged: not measured ({why})"
     else:
         fpr = (f"held-out benign runs flagged: {result.heldout_run_fpr:.1%} of {result.n_run_heldout}"
                + (" others" if result.run_calibration == "heldout" else "") + " (target ≤ 5%)")
     if result.run_anomalous is None:
-        why = ("partial run: not every site was scored" if result.partial else
-               "no site has a finite score" if result.run_calibration else
-               "this CF result predates the run-level verdict; run CF again")
-        return "No run verdict", f"{why}. {fpr[0].upper()}{fpr[1:]}."
+        reason = result.run_no_verdict_reason or ("partial" if result.partial else "")
+        why = run_no_verdict_text(reason, n_calibration=result.n_run_reference, calibration=result.run_calibration,
+                                  run_statistic=result.run_statistic, run_p_value=result.run_p_value,
+                                  min_calibration=result.run_min_calibration)
+        if reason == "too_few_calibration_runs":   # no run threshold, so no rate of it to measure
+            return "No run verdict", f"{why[0].upper()}{why[1:]}."
+        return "No run verdict", f"{why[0].upper()}{why[1:]}. {fpr[0].upper()}{fpr[1:]}."
     calib = ("held-out benign calibration runs" if result.run_calibration == "heldout" else
              "benign reference runs")
     rel = ">" if result.run_anomalous else "≤"
@@ -100,7 +105,9 @@ class CFView(QWidget):
         self.verdict_badge.setToolTip(
             "Is the run as a whole anomalous? Its largest site score is compared with the same maximum of benign runs "
             "(a family-wise test over all sites): the run threshold is their conformal 95th percentile, so about 5% "
-            "of benign runs are called anomalous; the share of held-out benign runs it flags is measured.")
+            "of benign runs are called anomalous; the share of held-out benign runs it flags is measured. A 95th "
+            f"percentile needs at least {getattr(cf, 'MIN_RUN_CALIBRATION', 19)} benign runs: with fewer there is no "
+            "run verdict.")
         self.verdict_label = QLabel()
         self.verdict_label.setWordWrap(True)
         self.verdict_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
@@ -307,7 +314,9 @@ class CFView(QWidget):
         self.progress.setValue(len(result.scores))
         self._fill_findings(result)
         flagged = sum(1 for s in result.scores if s.flagged)
-        fpr = "" if result.heldout_fpr is None else f"; held-out benign FPR {result.heldout_fpr:.1%}"
+        fpr = (f"; held-out benign FPR {result.heldout_fpr:.1%}" if result.heldout_fpr is not None else
+               "; held-out benign FPR not measured (no held-out benign prompts)" if not result.n_heldout else
+               "; held-out benign FPR not measured")
         self.state_label.setText(
             ("PARTIAL (cancelled): " if result.partial else "") +
             f"CF ({result.statistic}) scored {len(result.scores)} cells in {result.seconds:.1f} s: {flagged} above "
