@@ -83,7 +83,8 @@ from .failure import margin as _margin
 from .hooks import site_hooks
 from .layout import pinned_threads
 from .interventions import (ActivationSources, EvalContext, Intervention, InterventionSet, _make_hook,
-                            _take_greedy, context_from_bundle, run_with_interventions, validate_for)
+                            _take_greedy, cache_kwargs, context_from_bundle, output_cache, run_with_interventions,
+                            validate_for)
 from .models import ModelHandle
 
 SCHEMA = "forensics.cca-result/1"
@@ -674,7 +675,7 @@ def _generate_cached(handle: ModelHandle, ids: torch.Tensor, sets: Sequence[Inte
     with site_hooks(handle, fns):
         out = handle.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
     budget.add(1, rows)
-    past = out.past_key_values
+    past = output_cache(out)
     last = out.logits[:, -1].float()
     first = torch.log_softmax(last, -1)
     done = torch.zeros(rows, dtype=torch.bool)
@@ -688,9 +689,9 @@ def _generate_cached(handle: ModelHandle, ids: torch.Tensor, sets: Sequence[Inte
         n_total += 1
         budget.check()
         out = handle.model(input_ids=fill[:, None], attention_mask=torch.ones((rows, n_total), dtype=torch.long),
-                           past_key_values=past, use_cache=True)
+                           **cache_kwargs(handle.model, past))
         budget.add(1, rows)
-        past = out.past_key_values
+        past = output_cache(out)
         last = out.logits[:, -1].float()
     return new, first, [bool(d) for d in done]
 

@@ -559,14 +559,13 @@ def run_with_interventions(handle: ModelHandle, input_ids: torch.Tensor, sets: S
         pkw = {"logits_to_keep": 1} if _accepts_logits_to_keep(handle.model) else {}
         pre = handle.model(input_ids=ids[:1, :prefix], attention_mask=kw["attention_mask"][:1, :prefix],
                            use_cache=True, **pkw)
-        cache = pre.past_key_values
+        cache = output_cache(pre)
         if cache is None:
             raise InterventionError(f"{type(handle.model).__name__} returned no key/value cache: no prefix reuse")
         if rows > 1:
             cache.batch_repeat_interleave(rows)
         kw["input_ids"] = ids[:, prefix:]
-        kw["past_key_values"] = cache
-        kw["use_cache"] = True
+        kw.update(cache_kwargs(handle.model, cache))
         kw.pop("token_type_ids", None)
     if logits_from > 0 and handle.is_causal_lm and _accepts_logits_to_keep(handle.model):
         kw["logits_to_keep"] = int(n_total - logits_from)
@@ -582,12 +581,29 @@ def run_with_interventions(handle: ModelHandle, input_ids: torch.Tensor, sets: S
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    return "logits_to_keep" in _forward_parameters(model)
+
+
+def _forward_parameters(model: nn.Module) -> frozenset[str]:
     import inspect
 
     try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
+        return frozenset(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):
-        return False
+        return frozenset()
+
+
+def cache_kwargs(model: nn.Module, cache) -> dict:
+    """The keyword that hands a key/value cache to ``model.forward``: ``cache`` in transformers releases that
+    renamed it (``past_key_values`` is deprecated there, to be removed in 5.40), ``past_key_values`` before."""
+    name = "past_key_values" if "past_key_values" in _forward_parameters(model) else "cache"
+    return {name: cache, "use_cache": True}
+
+
+def output_cache(out):
+    """The key/value cache of a model output (``out.cache``, or ``out.past_key_values`` in older releases)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
 def _take_greedy(last: torch.Tensor, new: list[list[int]], done: torch.Tensor, eos) -> torch.Tensor:
