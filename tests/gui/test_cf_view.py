@@ -10,7 +10,8 @@ import pytest
 pytest.importorskip("PySide6")
 pytest.importorskip("pytestqt")
 
-from PySide6.QtCore import Qt  # noqa: E402
+import pyqtgraph as pg  # noqa: E402
+from PySide6.QtCore import QPointF, Qt  # noqa: E402
 
 from workbench.views.plots import AnomalyBarPlot  # noqa: E402
 
@@ -51,6 +52,27 @@ def test_bar_plot_draws_scores_threshold_and_click(qtbot):
 # The view, end to end on the demo incident (needs engine.cf)
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.skipif(importlib.util.find_spec("engine.cf") is None, reason="engine.cf has not landed")
+
+def test_threshold_label_stays_readable_over_a_tall_bar(qtbot):
+    """The threshold's label sits at the left end of its line, where the first layer's bars are: a bar far above the
+    threshold (a user's incident scored against few benign runs) must not paint over it."""
+    plot = AnomalyBarPlot(["resid_pre", "attn"], 2)
+    qtbot.addWidget(plot)
+    plot.resize(600, 400)
+    plot.show()
+    qtbot.waitExposed(plot)
+    plot.set_scores([_Score(0, "resid_pre", 0.0, 4000.0, 0.1, True), _Score(0, "attn", 0.0, 400.0, 0.1, True),
+                     _Score(1, "resid_pre", 0.0, 300.0, 0.1, True), _Score(1, "attn", 0.0, 1.0, 0.5, False)],
+                    threshold=5.0)
+    qtbot.wait(50)
+    label = plot.threshold_line.label
+    r = label.sceneBoundingRect()
+    point = QPointF(r.right() - 8, r.center().y())        # the label's right end, over the first layer's tall bar
+    stack = [it for it in plot.scene().items(point)       # topmost first
+             if isinstance(it, pg.BarGraphItem) or it is label or label.isAncestorOf(it)]
+    assert any(isinstance(it, pg.BarGraphItem) for it in stack)   # a bar is there
+    assert not isinstance(stack[0], pg.BarGraphItem), "the bar paints over the threshold label"
+
 def test_cf_run_fills_plot_live_and_bar_click_jumps(qtbot, session):
     from workbench.views.cf_view import CFView
 

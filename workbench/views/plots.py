@@ -77,6 +77,7 @@ class AnomalyBarPlot(pg.PlotWidget):
             pen=pg.mkPen((200, 30, 30), width=2, style=Qt.PenStyle.DashLine),
             label="threshold {value:.2f}", labelOpts={"position": 0.05, "color": (200, 30, 30), "fill": (255, 255, 255, 200)})
         self.threshold_line.setVisible(False)
+        self.threshold_line.setZValue(10)   # over the bars: a tall first bar hid the label ("thresh…")
         self.plotItem.addItem(self.threshold_line, ignoreBounds=False)
         self._bars: dict[str, pg.BarGraphItem] = {}
         self._sites: list[str] = []
