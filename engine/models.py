@@ -243,7 +243,7 @@ def load_model(source: str | os.PathLike, *, task: str | None = None, trust_remo
     """Load a model and tokenizer from a local directory or a hub id.
 
     Only ``safetensors`` weights are accepted (``use_safetensors=True``); remote code runs only when the caller
-    passes ``trust_remote_code=True``.
+    opts in with ``trust_remote_code`` (``forensics record --trust-remote-code``).
 
     Args:
         source: a local directory holding ``config.json`` + ``*.safetensors`` (+ tokenizer files), a hub id, or
