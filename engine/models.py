@@ -58,8 +58,13 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gpt_neox": ArchSpec("gpt_neox", "layers", "attention.dense", "mlp.dense_4h_to_h", "num_attention_heads",
                          causal=True),
 }
-# Families whose module layout is the Llama one (tested by tests/test_models.py).
-_ALIASES = {"mistral": "llama", "qwen2": "llama"}
+# Families (``config.model_type``) whose blocks have the module layout of a table entry: the Llama one (pre-norm,
+# attention then MLP, ``self_attn.o_proj`` / ``mlp.down_proj``) or the BERT one (post-norm encoder). A family whose
+# block differs (parallel attention and MLP, a norm after each sublayer as in Gemma 2/3, a mixture of experts) is
+# not listed: it gets UnknownArchitectureError rather than sites that mean something else. tests/test_models.py
+# records, replays and intervenes on a small model of each.
+_ALIASES = {**{k: "llama" for k in ("mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo", "smollm3")},
+            **{k: "bert" for k in ("roberta", "xlm-roberta", "electra")}}
 
 
 def arch_for(model: nn.Module) -> ArchSpec:
