@@ -88,7 +88,7 @@ def _install(handle: ModelHandle, layer: int, comp: str, fn: HookFn):
 
         return handle.block(layer).register_forward_hook(post)
     if comp in ("attn", "mlp"):
-        module = handle.attn_out(layer) if comp == "attn" else handle.mlp_out(layer)
+        module = handle.site_module(layer, comp)
 
         def out_hook(mod, args, out):
             return fn(out)

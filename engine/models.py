@@ -48,6 +48,11 @@ class ArchSpec:
     n_heads_attr: str  # config attribute giving the number of attention heads
     causal: bool  # decoder (causal LM) or encoder
     post_ln: bool = False  # BERT-style: sublayer output is added then layer-normed
+    # within a block: the module whose output is added to the residual stream, where that is not the projection
+    # (Gemma 2: a norm after each sublayer); the ``attn`` / ``mlp`` sites live there, ``head`` / ``neuron`` stay
+    # on the projection's input
+    attn_add: str = ""
+    mlp_add: str = ""
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -57,13 +62,16 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": ArchSpec("llama", "layers", "self_attn.o_proj", "mlp.down_proj", "num_attention_heads", causal=True),
     "gpt_neox": ArchSpec("gpt_neox", "layers", "attention.dense", "mlp.dense_4h_to_h", "num_attention_heads",
                          causal=True),
+    "gemma2": ArchSpec("gemma2", "layers", "self_attn.o_proj", "mlp.down_proj", "num_attention_heads", causal=True,
+                       attn_add="post_attention_layernorm", mlp_add="post_feedforward_layernorm"),
 }
 # Families (``config.model_type``) whose blocks have the module layout of a table entry: the Llama one (pre-norm,
-# attention then MLP, ``self_attn.o_proj`` / ``mlp.down_proj``) or the BERT one (post-norm encoder). A family whose
-# block differs (parallel attention and MLP, a norm after each sublayer as in Gemma 2/3, a mixture of experts) is
-# not listed: it gets UnknownArchitectureError rather than sites that mean something else. tests/test_models.py
-# records, replays and intervenes on a small model of each.
+# attention then MLP, ``self_attn.o_proj`` / ``mlp.down_proj``), the Gemma 2 one (the same with a norm after each
+# sublayer) or the BERT one (post-norm encoder). A family whose block differs (parallel attention and MLP, a mixture
+# of experts) is not listed: it gets UnknownArchitectureError rather than sites that mean something else.
+# tests/test_models.py records, replays and intervenes on a small model of each.
 _ALIASES = {**{k: "llama" for k in ("mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo", "smollm3")},
+            **{k: "gemma2" for k in ("gemma3_text", "olmo2")},
             **{k: "bert" for k in ("roberta", "xlm-roberta", "electra")}}
 
 
@@ -162,11 +170,18 @@ class ModelHandle:
     def mlp_out(self, i: int) -> nn.Module:
         return _get(self.blocks[i], self.arch.mlp_out)
 
+    def site_module(self, i: int, component: str) -> nn.Module:
+        """The module whose output is the ``attn`` / ``mlp`` site: what block ``i`` adds to the residual stream."""
+        add = self.arch.attn_add if component == "attn" else self.arch.mlp_add
+        if add:
+            return _get(self.blocks[i], add)
+        return self.attn_out(i) if component == "attn" else self.mlp_out(i)
+
     def module_path(self, layer: int, component: str) -> str:
         """The transformers module path a site lives on (for display and the bundle)."""
         base = f"{self.model.base_model_prefix}.{self.arch.blocks}.{layer}"
-        return {"resid_pre": base, "resid_post": base, "attn": f"{base}.{self.arch.attn_out}",
-                "head": f"{base}.{self.arch.attn_out}", "mlp": f"{base}.{self.arch.mlp_out}",
+        return {"resid_pre": base, "resid_post": base, "attn": f"{base}.{self.arch.attn_add or self.arch.attn_out}",
+                "head": f"{base}.{self.arch.attn_out}", "mlp": f"{base}.{self.arch.mlp_add or self.arch.mlp_out}",
                 "neuron": f"{base}.{self.arch.mlp_out}"}[component]
 
     def site_shape(self, component: str) -> tuple[int, ...]:

@@ -30,7 +30,12 @@ DECODERS = {
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
     "olmo": ("OlmoConfig", "OlmoForCausalLM", {}),
     "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", {}),
+    # a norm after each sublayer: the attn / mlp sites are the norms' outputs (what the block adds)
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 8, "sliding_window": 4}),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 8, "sliding_window": 4}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
 }
+POST_NORM = {"gemma2", "gemma3_text", "olmo2"}
 ENCODERS = {
     "roberta": ("RobertaConfig", "RobertaForSequenceClassification", {}),
     "xlm-roberta": ("XLMRobertaConfig", "XLMRobertaForSequenceClassification", {}),
@@ -57,15 +62,24 @@ def _build(model_type: str, tok) -> ModelHandle:
     return ModelHandle(model=getattr(transformers, model_name)(cfg).eval(), tokenizer=tok, source="")
 
 
+def _family(model_type: str) -> str:
+    return _ALIASES.get(model_type, model_type)
+
+
 def test_the_table_lists_exactly_the_families_tested_here():
-    assert set(_ALIASES) == set(DECODERS) | set(ENCODERS)
-    assert {_ALIASES[k] for k in DECODERS} == {"llama"} and {_ALIASES[k] for k in ENCODERS} == {"bert"}
+    assert set(_ALIASES) | {"gemma2"} == set(DECODERS) | set(ENCODERS)
+    assert {_family(k) for k in DECODERS} == {"llama", "gemma2"} and {_family(k) for k in ENCODERS} == {"bert"}
+    assert {k for k in DECODERS if _family(k) == "gemma2"} == POST_NORM
 
 
 @pytest.mark.parametrize("model_type", list(DECODERS))
 def test_decoder_family_sites_interventions_and_replay(model_type, tok, tmp_path):
     handle = _build(model_type, tok)
-    assert handle.model.config.model_type == model_type and handle.arch is ARCHITECTURES["llama"]
+    assert handle.model.config.model_type == model_type and handle.arch is ARCHITECTURES[_family(model_type)]
+    if model_type in POST_NORM:   # the site is the norm after the sublayer, the head / neuron the projection's input
+        assert handle.module_path(0, "attn").endswith("post_attention_layernorm")
+        assert handle.module_path(0, "mlp").endswith("post_feedforward_layernorm")
+        assert handle.module_path(0, "head").endswith("self_attn.o_proj")
     enc = tok(TINY_PROMPT, return_tensors="pt")
     ids = enc["input_ids"]
     n = ids.shape[1]
@@ -74,7 +88,7 @@ def test_decoder_family_sites_interventions_and_replay(model_type, tok, tmp_path
     for layer in range(handle.n_layers):
         # pre-norm blocks: the attention and MLP sites are exactly what each adds to the residual stream
         step = acts[(layer, "resid_post")] - acts[(layer, "resid_pre")]
-        assert torch.allclose(step, acts[(layer, "attn")] + acts[(layer, "mlp")], atol=1e-6), layer
+        assert torch.allclose(step, acts[(layer, "attn")] + acts[(layer, "mlp")], atol=1e-6, rtol=1e-5), layer
         assert tuple(acts[(layer, "head")].shape[-2:]) == (handle.n_heads, handle.d_head)
         assert acts[(layer, "neuron")].shape[-1] == handle.d_mlp
     # every component edited after a shared prefix: the same logits as recomputing the whole prompt
@@ -92,7 +106,7 @@ def test_decoder_family_sites_interventions_and_replay(model_type, tok, tmp_path
                               prompt_sets={"counterpart": ["the cat sat on the mat"]})
         path = write_bundle(tmp_path / f"{spec.split(':')[0]}.h5", inc)
         with open_bundle(path) as b:
-            assert b.model_info["family"] == "llama"
+            assert b.model_info["family"] == _family(model_type)
             report = replay(b)
         assert report.bit_identical, (spec, [(c.name, c.detail) for c in report.failed])
         assert report.model_loaded_from == "embedded"
@@ -118,7 +132,9 @@ def test_encoder_family_interventions_and_replay(model_type, tok, tmp_path):
 
 
 def test_a_family_with_another_block_layout_is_refused_by_name(tok):
-    cfg = transformers.Gemma2Config(num_hidden_layers=1, hidden_size=16, num_attention_heads=2,
-                                    num_key_value_heads=1, intermediate_size=32, vocab_size=len(tok), head_dim=8)
-    with pytest.raises(UnknownArchitectureError, match="'gemma2'.*not in the architecture table"):
-        arch_for(transformers.Gemma2ForCausalLM(cfg))
+    """A mixture of experts has no single MLP down projection: refused, naming the family and the known ones."""
+    cfg = transformers.MixtralConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2,
+                                     num_key_value_heads=1, intermediate_size=32, vocab_size=len(tok),
+                                     num_local_experts=2, num_experts_per_tok=1)
+    with pytest.raises(UnknownArchitectureError, match="'mixtral'.*not in the architecture table; known: .*qwen3"):
+        arch_for(transformers.MixtralForCausalLM(cfg))
