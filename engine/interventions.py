@@ -33,6 +33,7 @@ bundle needed).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import threading
@@ -585,10 +586,16 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
 
 
 def _forward_parameters(model: nn.Module) -> frozenset[str]:
+    """The keyword names ``model.forward`` takes (looked up once per model class: it runs every generation step)."""
+    return _class_forward_parameters(type(model))
+
+
+@functools.lru_cache(maxsize=None)
+def _class_forward_parameters(cls: type) -> frozenset[str]:
     import inspect
 
     try:
-        return frozenset(inspect.signature(model.forward).parameters)
+        return frozenset(inspect.signature(cls.forward).parameters) - {"self"}
     except (TypeError, ValueError):
         return frozenset()
 
