@@ -64,13 +64,18 @@ ARCHITECTURES: dict[str, ArchSpec] = {
                          causal=True),
     "gemma2": ArchSpec("gemma2", "layers", "self_attn.o_proj", "mlp.down_proj", "num_attention_heads", causal=True,
                        attn_add="post_attention_layernorm", mlp_add="post_feedforward_layernorm"),
+    "phi": ArchSpec("phi", "layers", "self_attn.dense", "mlp.fc2", "num_attention_heads", causal=True),
+    "gptj": ArchSpec("gptj", "h", "attn.out_proj", "mlp.fc_out", "num_attention_heads", causal=True),
+    "falcon": ArchSpec("falcon", "h", "self_attention.dense", "mlp.dense_4h_to_h", "num_attention_heads", causal=True),
 }
-# Families (``config.model_type``) whose blocks have the module layout of a table entry: the Llama one (pre-norm,
-# attention then MLP, ``self_attn.o_proj`` / ``mlp.down_proj``), the Gemma 2 one (the same with a norm after each
-# sublayer) or the BERT one (post-norm encoder). A family whose block differs (parallel attention and MLP, a mixture
-# of experts) is not listed: it gets UnknownArchitectureError rather than sites that mean something else.
-# tests/test_models.py records, replays and intervenes on a small model of each.
-_ALIASES = {**{k: "llama" for k in ("mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo", "smollm3")},
+# Families (``config.model_type``) whose blocks have the module layout of a table entry: the Llama one
+# (``self_attn.o_proj`` / ``mlp.down_proj``, each sublayer's output added to the residual stream, in sequence or in
+# parallel as in Cohere), the Gemma 2 one (the same with a norm after each sublayer) or the BERT one (post-norm
+# encoder). A family whose block differs (a mixture of experts has no single MLP projection) is not listed: it gets
+# UnknownArchitectureError rather than sites that mean something else. tests/test_models.py records, replays and
+# intervenes on a small model of each.
+_ALIASES = {**{k: "llama" for k in ("mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo", "smollm3", "cohere",
+                                    "stablelm")},
             **{k: "gemma2" for k in ("gemma3_text", "olmo2")},
             **{k: "bert" for k in ("roberta", "xlm-roberta", "electra")}}
 

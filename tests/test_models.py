@@ -34,7 +34,14 @@ DECODERS = {
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 8, "sliding_window": 4}),
     "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 8, "sliding_window": 4}),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    # attention and MLP side by side on the block's input (and Phi-2, GPT-J, Falcon's own module names)
+    "cohere": ("CohereConfig", "CohereForCausalLM", {}),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", {"use_parallel_residual": True}),
+    "phi": ("PhiConfig", "PhiForCausalLM", {}),
+    "gptj": ("GPTJConfig", "GPTJForCausalLM", {"rotary_dim": 4}),
+    "falcon": ("FalconConfig", "FalconForCausalLM", {}),
 }
+TESTED_ELSEWHERE = {"gpt2", "llama", "gpt_neox", "bert"}   # the shipped scenarios' families (test_bundle, ...)
 POST_NORM = {"gemma2", "gemma3_text", "olmo2"}
 ENCODERS = {
     "roberta": ("RobertaConfig", "RobertaForSequenceClassification", {}),
@@ -67,8 +74,8 @@ def _family(model_type: str) -> str:
 
 
 def test_the_table_lists_exactly_the_families_tested_here():
-    assert set(_ALIASES) | {"gemma2"} == set(DECODERS) | set(ENCODERS)
-    assert {_family(k) for k in DECODERS} == {"llama", "gemma2"} and {_family(k) for k in ENCODERS} == {"bert"}
+    assert set(_ALIASES) | set(ARCHITECTURES) == set(DECODERS) | set(ENCODERS) | TESTED_ELSEWHERE
+    assert {_family(k) for k in ENCODERS} == {"bert"}
     assert {k for k in DECODERS if _family(k) == "gemma2"} == POST_NORM
 
 
