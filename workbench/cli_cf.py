@@ -112,9 +112,8 @@ def run_verdict_line(res) -> str:
         if reason == "too_few_calibration_runs":  # no run threshold: no rate of it to measure
             return f"run verdict: none — {why}"
         return f"run verdict: none ({why}); held-out benign runs flagged: {fpr}"
-    top = max((s for s in res.scores if math.isfinite(s.score)), key=lambda s: s.score)
     word, rel = ("ANOMALOUS", ">") if res.run_anomalous else ("not anomalous", "<=")
-    return (f"run verdict: {word} — max site score {format_score(res.run_statistic)} (L{top.layer} {top.site}) "
+    return (f"run verdict: {word} — max site score {format_score(res.run_statistic)} ({_top_site(res)}) "
             f"{rel} run threshold {format_score(res.run_threshold)} (conformal {RUN_QUANTILE * 100:.0f}th percentile "
             f"of {_calibration_words(res.run_calibration, res.n_run_reference)}; p = {res.run_p_value:.3g}); "
             f"held-out benign runs flagged: {fpr}")
