@@ -154,6 +154,28 @@ def test_bad_intervention_set_is_one_line(recorded, tmp_path):
     assert_one_line_error(forensics("intervene", recorded, "--set", tmp_path / "none.json"), "not found")
 
 
+def test_intervention_set_from_stdin_or_a_pipe_equals_the_file(recorded, tmp_path):
+    """``--set -`` reads standard input and ``--set <(...)`` a pipe; both give what the same JSON file gives."""
+    text = '{"interventions": [{"layer": 0, "component": "mlp", "positions": "all", "op": "zero"}]}'
+    s = tmp_path / "set.json"
+    s.write_text(text)
+    from_file = json.loads(forensics("intervene", recorded, "--set", s, "--json").stdout)
+    stdin = subprocess.run([sys.executable, "-m", "workbench.cli", "intervene", str(recorded), "--set", "-", "--json"],
+                           input=text, capture_output=True, text=True, env=ENV, timeout=300)
+    assert stdin.returncode == 0, stdin.stderr
+    r, w = os.pipe()
+    os.write(w, text.encode())
+    os.close(w)
+    pipe = subprocess.run([sys.executable, "-m", "workbench.cli", "intervene", str(recorded), "--set", f"/dev/fd/{r}",
+                           "--json"], capture_output=True, text=True, env=ENV, timeout=300, pass_fds=(r,))
+    os.close(r)
+    assert pipe.returncode == 0, pipe.stderr
+    for proc in (stdin, pipe):
+        got = json.loads(proc.stdout)
+        assert got["after"] == from_file["after"] and got["after"] != got["before"]
+    assert_one_line_error(forensics("intervene", recorded, "--set", tmp_path), "is a directory")
+
+
 def test_unknown_command_is_one_line():
     assert_one_line_error(forensics("frobnicate"))
 

@@ -57,13 +57,28 @@ def _progress(quiet: bool):
     return show
 
 
+def _read_text(path: str, what: str = "") -> str:
+    """A text input file: a path, a pipe such as /dev/fd/N or <(...), or '-' for standard input."""
+    label = f"{what} file" if what else "file"
+    if path == "-":
+        return sys.stdin.read()
+    p = Path(path)
+    if not p.exists():
+        raise CliError(f"{label} not found: {path}")
+    if p.is_dir():
+        raise CliError(f"{label} is a directory: {path}")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CliError(f"{label} is not UTF-8 text: {path}") from None
+    except OSError as e:
+        raise CliError(f"{label} cannot be read: {path} ({e.strerror or e})") from None
+
+
 def _read_lines(path: str | None) -> list[str]:
     if not path:
         return []
-    p = Path(path)
-    if not p.is_file():
-        raise CliError(f"file not found: {path}")
-    return [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line.strip() for line in _read_text(path).splitlines() if line.strip()]
 
 
 # ----- commands ------------------------------------------------------------------------------------------------
@@ -150,14 +165,8 @@ def cmd_intervene(args) -> int:
     from engine.interventions import InterventionSet, evaluate, summarize
     from engine.replay import load_bundle_model
 
-    p = Path(args.set_file)
-    if not p.is_file():
-        raise CliError(f"intervention set file not found: {args.set_file}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise CliError(f"intervention set file is not UTF-8 text: {args.set_file}") from None
-    iset = InterventionSet.from_json(text, name=p.stem)
+    text = _read_text(args.set_file, "intervention set")
+    iset = InterventionSet.from_json(text, name="stdin" if args.set_file == "-" else Path(args.set_file).stem)
     with open_bundle(args.bundle) as bundle:
         handle = load_bundle_model(bundle)
         res = evaluate(bundle, handle, [InterventionSet(name="baseline"), iset], top_k=args.top_k)
@@ -364,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     iv = sub.add_parser("intervene", help="replay with a hand-written intervention set; before/after")
     iv.add_argument("bundle")
-    iv.add_argument("--set", required=True, dest="set_file", help="intervention set JSON")
+    iv.add_argument("--set", required=True, dest="set_file", help="intervention set JSON (- reads standard input)")
     iv.add_argument("--top-k", type=int, default=5, help="next-token alternatives to show (default 5)")
     iv.add_argument("--json", action="store_true")
     iv.set_defaults(func=cmd_intervene)
