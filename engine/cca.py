@@ -79,6 +79,7 @@ import torch
 
 from . import stats
 from .errors import CCAError, ForensicsError
+from .certificate import set_was_checked
 from .failure import margin as _margin
 from .hooks import site_hooks
 from .layout import pinned_threads
@@ -207,6 +208,13 @@ class CCAResult:
 
     def failed_criteria(self) -> list[str]:
         return [k for k, c in self.criteria.items() if not c.get("ok")]
+
+    @property
+    def checked(self) -> bool:
+        """Whether the set was run on the incident (``flipped`` and the drop-one effects are measured).  False only
+        for a search cancelled before its best set was checked: ``flipped`` is then False because nothing was
+        confirmed, not because the set was seen to fail (``fixed_metric`` is the search's teacher-forced best)."""
+        return set_was_checked({"partial": self.partial, "evidence": self.evidence})
 
     def to_dict(self) -> dict:
         """The JSON result (ARCHITECTURE.md's keys); standard JSON: "not measured" is ``null``, never NaN."""
@@ -2169,6 +2177,10 @@ def not_measured(key: str, res: "CCAResult") -> str:
     return "not measured"
 
 
+#: Why a cancelled search's set has no verdict on the incident.
+UNCHECKED = "not measured: the run was cancelled before the set was checked on the incident"
+
+
 def _criteria(res: CCAResult) -> dict[str, dict]:
     """The issue's "Done when" targets, each with the measured value and whether it holds."""
     def finite(x):
@@ -2194,10 +2206,12 @@ def _criteria(res: CCAResult) -> dict[str, dict]:
         "target": "<= 5% of recorded activation values", "value": _num(fa), "ok": bool(finite(fa) and fa <= 0.05),
         "detail": (f"{fa:.3%} of recorded values touched by {len(res.fix_set)} intervention(s)"
                    + ("" if fa <= 0.05 else f"; {fa - 0.05:.2%} above target")) if finite(fa) else "not measured"}
+    checked = res.checked
     out["one_minimal"] = {
-        "target": "dropping any one element un-fixes the incident", "value": float(res.one_minimal),
+        "target": "dropping any one element un-fixes the incident",
+        "value": float(res.one_minimal) if checked else None,
         "ok": bool(res.one_minimal),
-        "detail": ("every element necessary" if res.one_minimal else
+        "detail": (UNCHECKED if not checked else "every element necessary" if res.one_minimal else
                    ("the set does not fix the incident" if not res.flipped else
                     "not 1-minimal: " + ", ".join(e.intervention.describe() for e in res.fix_set
                                                   if not e.drop_one_failing) + " can be dropped"))}
@@ -2214,7 +2228,9 @@ def _criteria(res: CCAResult) -> dict[str, dict]:
                    + ("" if held_out else "; measured on the incident itself, which the set was chosen on, so it is "
                       "not a held-out test (" + NOT_MEASURED_WHY["flip_rate"] + ")"))
         if finite(p) else not_measured("p_value", res)}
-    out["incident_flipped"] = {"target": "the incident no longer fails under the set", "value": float(res.flipped),
-                               "ok": bool(res.flipped),
-                               "detail": f"metric {res.baseline_metric:.3f} -> {res.fixed_metric:.3f}"}
+    out["incident_flipped"] = {"target": "the incident no longer fails under the set",
+                               "value": float(res.flipped) if checked else None, "ok": bool(res.flipped),
+                               "detail": (f"metric {res.baseline_metric:.3f} -> {res.fixed_metric:.3f}" if checked
+                                          else f"{UNCHECKED} (best search metric {res.baseline_metric:.3f} -> "
+                                               f"{res.fixed_metric:.3f}, teacher-forced)")}
     return out

@@ -160,6 +160,14 @@ def format_p(p: float | None, n_controls: int = 0) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # Verdict
 # ----------------------------------------------------------------------------------------------------------------
+def set_was_checked(cca: Mapping) -> bool:
+    """For a CCA result's JSON (``CCAResult.to_dict()``; ``CCAResult.checked`` for the object): was the fix set run
+    on the incident?  A complete result always was; a partial one only when the cancel came after that check (its
+    ``evidence`` then holds ``"incident"``).  Here, not in ``engine.cca``, so that reading a certificate needs no
+    torch."""
+    return not cca.get("partial") or "incident" in (cca.get("evidence") or {})
+
+
 def verdict_sentence(doc: Mapping) -> str:
     """The certificate's one-sentence verdict, generated from its numbers (honest when a criterion failed)."""
     cca = doc["cca"]
@@ -174,6 +182,10 @@ def verdict_sentence(doc: Mapping) -> str:
         prefix = "PARTIAL RESULT (the analysis was cancelled or ran out of budget): "
     else:
         prefix = ""
+    if not set_was_checked(cca):
+        return (f"{prefix}{what} was not checked on the incident before the analysis stopped (best search metric "
+                f"{_fmt(cca.get('baseline_metric'))} -> {_fmt(cca.get('fixed_metric'))}, teacher-forced); "
+                "no root cause is certified.")
     if not cca.get("flipped"):
         return (f"{prefix}{what} does NOT remove the failure ({spec}) on the incident itself "
                 f"(metric {_fmt(cca.get('baseline_metric'))} -> {_fmt(cca.get('fixed_metric'))}); "
@@ -249,7 +261,9 @@ def certificate_status(doc: Mapping) -> dict:
     reasons: list[str] = []
     if cca.get("partial"):
         reasons.append("the analysis was cancelled or ran out of budget (partial result)")
-    if not cca.get("flipped"):
+    if not set_was_checked(cca):
+        reasons.append("the fix set was not checked on the incident")
+    elif not cca.get("flipped"):
         reasons.append("the fix set does not remove the failure on the incident")
     if rep.get("verified") and not rep.get("bit_identical"):
         reasons.append("the incident does not replay bit-identically")

@@ -170,6 +170,18 @@ def test_cancel_mid_search_returns_partial_within_half_a_second(demo):
     assert res.fix_set and res.forward_passes > 0 and math.isfinite(res.fixed_metric)  # the best set so far
     assert res.trace and res.trace[-1]["stage"] == "search"
     assert res.to_dict()["partial"] is True
+    # its best set was never run on the incident: it has no verdict there, rather than "does not fix"
+    assert not res.checked
+    crit = res.criteria
+    for key in ("incident_flipped", "one_minimal"):
+        assert crit[key]["value"] is None and not crit[key]["ok"]
+        assert crit[key]["detail"].startswith("not measured: the run was cancelled before the set was checked")
+    from engine.certificate import certificate_status, verdict_sentence
+
+    doc = {"cca": res.to_dict(), "incident": {"failure": {"spec": "contains:HACKED"}}, "replay": {}}
+    assert "was not checked on the incident" in verdict_sentence(doc) and "does NOT" not in verdict_sentence(doc)
+    status = certificate_status(doc)
+    assert status["level"] == "not-certified" and "the fix set was not checked on the incident" in status["reasons"]
 
 
 def test_cancel_during_controls_keeps_the_measured_evidence(demo):
@@ -177,6 +189,7 @@ def test_cancel_during_controls_keeps_the_measured_evidence(demo):
     print(f"cancel during controls -> returned in {dt:.3f} s")
     assert dt < 0.5, f"cancel took {dt:.3f} s"
     assert res.partial and res.flipped and res.n_variants == 40 and res.flip_rate == 1.0
+    assert res.checked and res.criteria["incident_flipped"]["value"] == 1.0   # checked before the cancel
     assert res.fix_set[0].intervention.describe() == "L0.attn@15:mean"
 
 

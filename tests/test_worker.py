@@ -101,3 +101,47 @@ def test_session_opens_loads_model_on_engine_thread_and_refuses_bad_files(qtbot,
     with qtbot.waitSignal(s.bundle_closed):
         s.close()
     assert s.bundle is None
+
+
+def test_a_slot_can_tell_which_job_a_signal_comes_from(qtbot, runner):
+    """``delivering(job)`` is true only inside the slots of that job's own signals: a view that started a second
+    run (or closed its bundle) ignores what the first one still sends."""
+    started = threading.Event()
+    seen = []
+
+    def first(emit, cancel):
+        started.set()
+        emit("first progress")
+        cancel.wait(5)
+        return "first"
+
+    old = runner.submit("cf", first)
+    assert started.wait(5)
+    new = runner.submit("cf", lambda emit, cancel: (emit("second progress"), "second")[1], replace=True)
+
+    def record(name, data):
+        seen.append((data, runner.delivering(old), runner.delivering(new), runner.delivering(None)))
+
+    runner.progress.connect(record)
+    runner.finished.connect(record)
+    qtbot.waitUntil(lambda: any(s[0] == "second" for s in seen), timeout=5000)
+    got = {s[0]: s[1:] for s in seen}
+    assert got["first"] == (True, False, False) and got["second"] == (False, True, False)
+    assert got["second progress"] == (False, True, False)
+    assert not runner.delivering(old) and not runner.delivering(new)   # outside a slot: nobody's
+
+
+def test_a_forensics_error_prints_no_traceback(qtbot, runner, capfd):
+    """A bad file is the user's one line in a dialog, not a bug: no traceback on stderr (other errors keep theirs)."""
+    from engine.errors import BundleContentError
+
+    def bad(emit, cancel):
+        raise BundleContentError("activations/L0/attn: bit rot")
+
+    with qtbot.waitSignal(runner.failed, timeout=5000) as blocker:
+        runner.submit("bad", bad)
+    assert blocker.args == ["bad", "activations/L0/attn: bit rot"]
+    with qtbot.waitSignal(runner.failed, timeout=5000):
+        runner.submit("bug", lambda e, c: 1 / 0)
+    err = capfd.readouterr().err
+    assert "BundleContentError" not in err and "ZeroDivisionError" in err and err.count("Traceback") == 1

@@ -110,8 +110,9 @@ def cmd_cca(args) -> int:
     if not res.fix_set:
         print("  no fix set found")
     else:
-        verdict = "fixes the incident" if res.flipped else "does NOT fix the incident (best set found)"
-        print(f"  fix set ({res.set_size} intervention(s)) {verdict}: metric {res.baseline_metric:.3f} -> "
+        verdict = ("fixes the incident: metric" if res.flipped else "does NOT fix the incident (best set found): metric"
+                   if res.checked else "was not checked on the incident (the run stopped first): best search metric")
+        print(f"  fix set ({res.set_size} intervention(s)) {verdict} {res.baseline_metric:.3f} -> "
               f"{res.fixed_metric:.3f} (logit margin of the failing outcome; > 0 = fails)")
         for e in res.fix_set:
             print(f"    {e.intervention.describe():32s} alone {e.single_metric:9.3f}   without it {e.drop_one_metric:9.3f}"
@@ -135,7 +136,7 @@ def cmd_cca(args) -> int:
         print(f"  side effects on held-out benign prompts: {_pct(d['side_effect_rate'])} of {res.n_benign} change, "
               f"mean KL {res.side_effect_kl:.4g}")
     print(f"  minimality: {res.set_size} element(s), {_pct(d['fraction_of_activations'])} of recorded activation "
-          f"values, 1-minimal: {'yes' if res.one_minimal else 'no'}")
+          f"values, 1-minimal: {'yes' if res.one_minimal else 'no' if res.checked else 'not checked'}")
     if d["p_value"] is None:
         print(f"  significance: {not_measured('p_value', res)}")
     else:

@@ -79,7 +79,7 @@ def _run_fpr_words(fpr, n_tested: int, source: str, n_heldout: int) -> str:
                "rebuild the baseline with `forensics baseline build` to measure it")
         return f"not measured ({why})"
     others = " others" if source == "heldout" else ""
-    return f"{fpr:.1%} of {n_tested}{others} (target <= 5%)"
+    return f"{fpr:.1%} of {n_tested}{others} (target <= 5%{': MISSED' if fpr > 0.05 else ''})"
 
 
 def _site_fpr_words(fpr, n_heldout: int, label: str = "held-out benign false-positive rate") -> str:
@@ -88,7 +88,7 @@ def _site_fpr_words(fpr, n_heldout: int, label: str = "held-out benign false-pos
         why = ("no held-out benign prompts: give some with --heldout-file" if not n_heldout else
                "the baseline does not hold it; rebuild it with `forensics baseline build`")
         return f"{label} not measured ({why})"
-    return f"{label} {fpr:.1%} of prompt x site cells (target <= 5%)"
+    return f"{label} {fpr:.1%} of prompt x site cells (target <= 5%{': MISSED' if fpr > 0.05 else ''})"
 
 
 def _top_site(res) -> str:

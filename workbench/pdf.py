@@ -30,7 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from engine.certificate import certificate_status, describe_element, format_p, position_ranges
+from engine.certificate import certificate_status, describe_element, format_p, position_ranges, set_was_checked
 from engine.errors import CertificateError
 
 PAGE_COUNT = 5
@@ -721,7 +721,8 @@ def _key_tiles(doc: Mapping) -> list[tuple[str, str, str, str | None]]:
         (f"{len(cca['fix_set'])} site{'s' if len(cca['fix_set']) != 1 else ''}",
          "minimality",
          f"{_pct(cca.get('fraction_of_activations'))} of recorded activations; "
-         + ("1\u2011minimal" if cca.get("one_minimal") else "NOT 1\u2011minimal"), ok("one_minimal")),
+         + ("1\u2011minimal" if cca.get("one_minimal") else
+            "NOT 1\u2011minimal" if set_was_checked(cca) else "1\u2011minimality not checked"), ok("one_minimal")),
         ("bit-identical" if rep.get("bit_identical") else ("DIFFERS" if rep.get("verified") else "not verified"),
          "replay",
          (f"{len(rep.get('checks', []))} checks \u00b7 {_num(rep.get('seconds'), '.2f')} s" if rep.get("verified")

@@ -9,7 +9,8 @@ view can be built and tested on its own::
 
 The model is loaded lazily **on the engine thread** (``session.model()`` may only be called inside a job; it
 caches the handle).  Results produced by jobs are published with :meth:`set_cf` / :meth:`set_cca` from GUI-thread
-slots, which emit the ``*_changed`` signals the other views listen to.
+slots, which emit the ``*_changed`` signals the other views listen to; a result that names another bundle is
+refused.  Closing the bundle emits ``cf_changed(None)`` / ``cca_changed(None)`` for the results it drops.
 """
 
 from __future__ import annotations
@@ -62,10 +63,15 @@ class Session(QObject):
             self.runner.cancel()
         with self._handle_lock:
             self._handle = None
+        had_cf, had_cca = self.cf is not None, self.cca is not None
         self.cf = None
         self.cca = None
         self.analyst = {}
         bundle, self.bundle, self.path = self.bundle, None, None
+        if had_cf:
+            self.cf_changed.emit(None)
+        if had_cca:
+            self.cca_changed.emit(None)
         self.bundle_closed.emit()
         try:
             bundle.close()
@@ -85,10 +91,26 @@ class Session(QObject):
             return self._handle
 
     # ------------------------------------------------------------------ results (GUI thread)
-    def set_cf(self, result) -> None:
+    def _belongs(self, result) -> bool:
+        """Whether ``result`` (a CF or CCA result, or None) may be shown with the open bundle: it names the open
+        bundle's uuid, or none.  A result of another incident is never attached to this one."""
+        if result is None:
+            return True
+        uuid = getattr(result, "bundle_uuid", "") or ""
+        return self.bundle is not None and (not uuid or uuid == getattr(self.bundle, "uuid", uuid))
+
+    def set_cf(self, result) -> bool:
+        """Publish a CF result of the open bundle; False (and nothing changes) for another bundle's result."""
+        if not self._belongs(result):
+            return False
         self.cf = result
         self.cf_changed.emit(result)
+        return True
 
-    def set_cca(self, result) -> None:
+    def set_cca(self, result) -> bool:
+        """Publish a CCA result of the open bundle; False (and nothing changes) for another bundle's result."""
+        if not self._belongs(result):
+            return False
         self.cca = result
         self.cca_changed.emit(result)
+        return True

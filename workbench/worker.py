@@ -11,8 +11,20 @@ and connect to the runner's signals (which are emitted on the GUI thread, so pla
 * ``progress(name, data)`` — whatever the job passed to ``emit`` (plain data: dicts, frozen dataclasses, arrays);
 * ``finished(name, result)`` — the job's return value;
 * ``failed(name, message)`` — one line; :class:`engine.errors.ForensicsError` messages verbatim, anything else
-  as ``Type: message`` (the traceback goes to stderr);
+  as ``Type: message`` (its traceback goes to stderr: a ForensicsError is the
+  user's bad input, not a bug, and prints none);
 * ``busy_changed(bool)``.
+
+Inside a slot of ``progress``, ``finished`` or ``failed``, :meth:`EngineRunner.delivering` says whether the signal
+comes from a given job (the cancel event ``submit`` returned).  A view that keeps the event of the job it started
+and forgets it when the bundle closes therefore never shows a cancelled job's partial result on the *next*
+bundle, nor an old run's result on top of a newer run's::
+
+    self._job = runner.submit("cf", job, replace=True)
+    ...
+    def _on_finished(self, name, result):
+        if name != "cf" or not self.runner.delivering(self._job):
+            return                           # a job this view no longer waits for
 
 Jobs run one at a time in submission order.  Submitting a job under a name that is still *waiting* replaces the
 waiting one (an intervention edited five times in a row replays once, with the last edit); ``replace=True`` also
@@ -47,9 +59,9 @@ def describe_error(exc: BaseException) -> str:
 class EngineWorker(QObject):
     """Lives on the engine thread; runs the jobs the runner queued.  Never touches widgets."""
 
-    progress = Signal(str, object)
-    finished = Signal(str, object)
-    failed = Signal(str, str)
+    progress = Signal(str, object, object)    # name, data, the job's cancel event
+    finished = Signal(str, object, object)
+    failed = Signal(str, str, object)
     idle = Signal()
 
     def __init__(self, runner: "EngineRunner") -> None:
@@ -65,18 +77,19 @@ class EngineWorker(QObject):
                 return
             name, fn, cancel = item
 
-            def emit(data: Any, _name: str = name) -> None:
-                self.progress.emit(_name, data)
+            def emit(data: Any, _name: str = name, _cancel: threading.Event = cancel) -> None:
+                self.progress.emit(_name, data, _cancel)
 
             try:
                 result = fn(emit, cancel)
             except Exception as exc:  # noqa: BLE001 - every failure becomes one line in the GUI
-                traceback.print_exc(file=sys.stderr)
+                if not isinstance(exc, ForensicsError):   # a bad file or input is the user's one line, not a bug
+                    traceback.print_exc(file=sys.stderr)
                 self._runner._done(name)
-                self.failed.emit(name, describe_error(exc))
+                self.failed.emit(name, describe_error(exc), cancel)
             else:
                 self._runner._done(name)
-                self.finished.emit(name, result)
+                self.finished.emit(name, result, cancel)
 
 
 class EngineRunner(QObject):
@@ -95,6 +108,7 @@ class EngineRunner(QObject):
         self._running: dict[str, threading.Event] = {}
         self._busy = False
         self._closed = False
+        self._delivering: threading.Event | None = None
         self._thread = QThread()
         self._thread.setObjectName("forensics-engine")
         self._worker = EngineWorker(self)
@@ -144,6 +158,11 @@ class EngineRunner(QObject):
     def busy(self) -> bool:
         return self._busy
 
+    def delivering(self, job: threading.Event | None) -> bool:
+        """True inside a ``progress`` / ``finished`` / ``failed`` slot when the signal comes from ``job`` (the
+        event :meth:`submit` returned for it); False for any other job, outside those slots, or for ``None``."""
+        return job is not None and job is self._delivering
+
     def shutdown(self, timeout_ms: int = 10_000) -> bool:
         """Cancel all jobs, stop the thread and wait for it; True when it stopped in time."""
         if self._closed:
@@ -173,17 +192,24 @@ class EngineRunner(QObject):
             self._busy = value
             self.busy_changed.emit(value)
 
-    @Slot(str, object)
-    def _on_progress(self, name: str, data: object) -> None:
-        self.progress.emit(name, data)
+    def _deliver(self, signal, job: threading.Event, *args) -> None:
+        outer, self._delivering = self._delivering, job
+        try:
+            signal.emit(*args)
+        finally:
+            self._delivering = outer
 
-    @Slot(str, object)
-    def _on_finished(self, name: str, result: object) -> None:
-        self.finished.emit(name, result)
+    @Slot(str, object, object)
+    def _on_progress(self, name: str, data: object, job: threading.Event) -> None:
+        self._deliver(self.progress, job, name, data)
 
-    @Slot(str, str)
-    def _on_failed(self, name: str, message: str) -> None:
-        self.failed.emit(name, message)
+    @Slot(str, object, object)
+    def _on_finished(self, name: str, result: object, job: threading.Event) -> None:
+        self._deliver(self.finished, job, name, result)
+
+    @Slot(str, str, object)
+    def _on_failed(self, name: str, message: str, job: threading.Event) -> None:
+        self._deliver(self.failed, job, name, message)
 
     @Slot()
     def _on_idle(self) -> None:

@@ -85,3 +85,53 @@ def test_cancel_mid_run_gives_partial_result_quickly(qtbot, session, view):
     assert "partial" in view.stage_label.text()
     assert view.run_button.isEnabled() and not view.cancel_button.isEnabled() and view.beam.isEnabled()
     assert not view.timer.isActive()
+    assert view.progress.value() < view.progress.maximum()        # how far it got, not "100%"
+    rows = {view.criteria_table.item(r, 1).text(): r for r in range(view.criteria_table.rowCount())}
+    flipped_row = rows["incident flipped"]
+    if not res.checked:       # cancelled before its best set was run on the incident: no verdict, not "still fails"
+        assert "still fails" not in view.summary.text() and "not checked" in view.summary.text()
+        assert view.criteria_table.item(flipped_row, 3).text() == "—"
+        assert "cancelled before the set was checked" in view.criteria_table.item(flipped_row, 4).text()
+    assert "nan" not in " ".join(view.fix_table.item(r, c).text() for r in range(view.fix_table.rowCount())
+                                 for c in range(view.fix_table.columnCount()))
+
+
+def test_opening_another_bundle_mid_run_drops_the_old_run(qtbot, session, view, demo_bundle, tmp_path):
+    """A CCA run still going when another bundle opens is cancelled, and its partial result is not shown with (or
+    certified for) the new incident; the review view starts clean, without the last incident's analyst note."""
+    import shutil
+
+    from workbench.views.review_view import ReviewView
+
+    review = ReviewView(session, session.runner)
+    qtbot.addWidget(review)
+    review.note.setText("about the first incident")
+    review.note.editingFinished.emit()
+    other = tmp_path / "other.h5"
+    shutil.copy(demo_bundle, other)
+    view.controls.setValue(2000)
+    published = []
+    session.cca_changed.connect(published.append)
+    view.run_button.click()
+    qtbot.waitUntil(lambda: len(view._trace) >= 1, timeout=60_000)
+    session.open(other)
+    qtbot.waitUntil(lambda: not session.runner.busy, timeout=30_000)
+    qtbot.wait(50)
+    assert published == []                      # the cancelled run's partial result went nowhere
+    assert session.cca is None and view.result is None and view.fix_table.rowCount() == 0
+    assert review.result is None and review.elements.rowCount() == 0 and review.note.text() == ""
+    assert view.run_button.isEnabled() and not view.cancel_button.isEnabled()
+    assert "Press Run CCA" in view.stage_label.text()
+
+
+def test_a_result_of_another_bundle_is_refused(session):
+    """``Session.set_cca`` / ``set_cf`` never attach a result that names another bundle's uuid."""
+    import dataclasses
+
+    from engine.cca import CCAResult
+
+    fields = {f.name: None for f in dataclasses.fields(CCAResult) if f.default is dataclasses.MISSING
+              and f.default_factory is dataclasses.MISSING}
+    other = CCAResult(**{**fields, "fix_set": [], "partial": True, "criteria": {}, "trace": [], "ranking": {}},
+                      bundle_uuid="not-" + session.bundle.uuid)
+    assert session.set_cca(other) is False and session.cca is None

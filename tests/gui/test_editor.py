@@ -127,12 +127,17 @@ def test_cell_edits_replay_and_invalid_input_is_refused(window, editor, qtbot):
     o = _wait_replay(qtbot, editor, lambda: _edit(qtbot, editor, 0, COL_POS, text="3"))
     assert editor.rows[0].positions == "3" and not editor.message.isVisible()
     assert o.after.failing and o.after.continuation == "HACKED" and editor.banner.text().startswith("still failing")
+    assert "(log-prob of the failing text " in editor.banner.text()     # the banner names its metric
     # op -> scale without a factor: the row is kept but marked invalid, said plainly, nothing replays
     _edit(qtbot, editor, 0, COL_OP, combo="scale")
     assert editor.rows[0].op == "scale" and editor.model.problems[0]
     assert "Row 1: op 'scale' needs a value" in editor.message.text()
     assert editor.model.headerData(0, Qt.Orientation.Vertical) == "⚠ 1"
     assert "invalid rows" in editor.banner.text()
+    # nothing says a replay is running or shows the last set's title: the state line and status bar say why not
+    assert editor.state.text().startswith("Not replayed: row 1 of the set is invalid")
+    assert editor.after.title() == "After — not replayed (row 1 invalid)"
+    assert window.statusBar().currentMessage() == "Replay: not run — row 1 invalid"
     # the factor 0 at position 15 on layer 0 (same effect as zeroing) -> replayed, compared with a direct eval
     _edit(qtbot, editor, 0, COL_POS, text="15")
     o = _wait_replay(qtbot, editor, lambda: _edit(qtbot, editor, 0, COL_VALUE, text="0"))

@@ -188,3 +188,30 @@ def test_export_waits_for_a_running_analysis(qtbot, window, tmp_path, save_as):
     window.runner.cancel()
     qtbot.waitUntil(lambda: not window.runner.busy, timeout=60_000)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_partial_result_is_rerun_or_certified_as_partial_by_choice(qtbot, window, demo_bundle, tmp_path, save_as,
+                                                                       boxes, monkeypatch):
+    """A cancelled CCA in the session: Export asks whether to run CCA again or certify the partial result; Cancel
+    in that question writes nothing, "run again" gives a complete certificate and shows its result in the views."""
+    from PySide6.QtWidgets import QMessageBox
+
+    from engine.certificate import load_certificate
+    from workbench.views import export
+
+    monkeypatch.setattr(export, "CCA_CONTROLS", 10)
+    _, cca, _ = demo_evidence(demo_bundle)
+    window.session.set_cca(dataclasses.replace(cca, partial=True))
+    asked: list[str] = []
+    monkeypatch.setattr(QMessageBox, "exec", lambda box: asked.append(box.text() + " " + box.informativeText()) or 0)
+    save_as(tmp_path / "asked.pdf")
+    window.act_export.trigger()                       # the question is answered with Cancel (no button clicked)
+    assert len(asked) == 1 and "CCA result is partial" in asked[0] and "PARTIAL" in asked[0]
+    assert status(window) == "Certificate export cancelled" and list(tmp_path.iterdir()) == []
+
+    export.export_certificate(window, window.session, window.runner, tmp_path / "rerun.pdf", rerun_partial=True)
+    qtbot.waitUntil(lambda: "Certificate written" in status(window), timeout=TIMEOUT_MS)
+    doc = load_certificate(tmp_path / "rerun.json")
+    assert doc["cca"]["partial"] is False and doc["cca"]["n_controls"] == 10
+    assert window.session.cca is not None and not window.session.cca.partial   # the views show what was certified
+    qtbot.waitUntil(lambda: not window.runner.busy, timeout=10_000)

@@ -28,8 +28,8 @@ import pyqtgraph as pg
 from PySide6.QtCore import QPoint, QRectF, Qt, QTimer, Signal, Slot
 from PySide6.QtGui import QAction, QBrush, QColor, QKeySequence
 from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QHeaderView, QInputDialog, QLabel, QListWidget,
-                               QListWidgetItem, QMenu, QPushButton, QSplitter, QTreeWidget, QTreeWidgetItem,
-                               QVBoxLayout, QWidget)
+                               QListWidgetItem, QMenu, QPushButton, QSplitter, QStackedWidget, QTreeWidget,
+                               QTreeWidgetItem, QVBoxLayout, QWidget)
 
 from engine.errors import ForensicsError
 from workbench.views.incident import FAIL_BG, FAIL_FG
@@ -191,6 +191,8 @@ class BrowserView(QWidget):
         # --- header line and buttons
         self.title = QLabel("Open a bundle to browse its activations.")
         self.title.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.title.setWordWrap(True)        # a long site description wraps instead of widening the window
+        self.title.setMinimumWidth(200)
         self.hover_label = QLabel("")
         self.hover_label.setStyleSheet("QLabel { color: #333; }")
         self.fit_button = QPushButton("Fit")
@@ -206,11 +208,20 @@ class BrowserView(QWidget):
         plots.addWidget(self.norm_widget)
         plots.setStretchFactor(0, 5)
         plots.setStretchFactor(1, 1)
+        # with no bundle open, a hint instead of empty axes and a colour bar of nothing
+        self.placeholder = QLabel("No incident open.\n\nFile ▸ Open (Ctrl+O), drop an .h5 bundle on the window, "
+                                  "or Help ▸ Open demo incident (F1).")
+        self.placeholder.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.placeholder.setWordWrap(True)
+        self.placeholder.setStyleSheet("QLabel { color: #666; font-size: 14px; }")
+        self.plot_stack = QStackedWidget()
+        self.plot_stack.addWidget(self.placeholder)
+        self.plot_stack.addWidget(plots)
         middle = QWidget()
         ml = QVBoxLayout(middle)
         ml.setContentsMargins(0, 0, 0, 0)
         ml.addLayout(head)
-        ml.addWidget(plots, 1)
+        ml.addWidget(self.plot_stack, 1)
         ml.addWidget(self.hover_label)
         split = QSplitter(Qt.Orientation.Horizontal)
         split.addWidget(self.tree)
@@ -255,6 +266,7 @@ class BrowserView(QWidget):
         self.read_log = []
         self._norm_cache = None
         self.layer = self.site = None
+        self.plot_stack.setCurrentIndex(1)
         self.tree.blockSignals(True)
         self.tree.clear()
         shape_txt = f"{bundle.n_positions} × {bundle.model_info['d_model']}"
@@ -297,6 +309,7 @@ class BrowserView(QWidget):
         self.fit_button.setEnabled(False)
         self.title.setText("Open a bundle to browse its activations.")
         self.hover_label.setText("")
+        self.plot_stack.setCurrentIndex(0)
 
     def _fill_tokens(self, bundle) -> None:
         self.tokens.clear()

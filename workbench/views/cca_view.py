@@ -131,8 +131,10 @@ def summary_lines(result) -> list[str]:
     lines = []
     if result.partial:
         lines.append("PARTIAL result (the run was cancelled): the evidence below is incomplete.")
-    lines.append(f"Fix set: {len(result.fix_set)} element(s); incident "
-                 f"{'FLIPPED (no longer fails)' if result.flipped else 'still fails'}; search metric "
+    state = ("FLIPPED (no longer fails)" if result.flipped else "still fails" if result.checked else
+             "not checked (cancelled before the set was run on it)")
+    lines.append(f"Fix set: {len(result.fix_set)} element(s); incident {state}; "
+                 f"{'search metric' if result.checked else 'best search metric (teacher-forced)'} "
                  f"{_fmt(result.baseline_metric)} \u2192 {_fmt(result.fixed_metric)} "
                  f"(logit margin of the failing outcome; > 0 = fails)")
     lo, hi = result.flip_rate_ci
@@ -154,7 +156,7 @@ def summary_lines(result) -> list[str]:
     else:
         lines.append(f"Side effects: {not_measured('side_effect_rate', result)}")
     lines.append(f"Fraction of recorded activations touched: {_pct(result.fraction_of_activations)}; "
-                 f"1-minimal: {'yes' if result.one_minimal else 'no'}")
+                 f"1-minimal: {'yes' if result.one_minimal else 'no' if result.checked else 'not checked'}")
     if result.n_controls:
         held_out = (result.evidence.get("controls") or {}).get("held_out", True)
         lines.append(f"p-value vs {result.n_controls} random control sets: {_fmt(result.p_value)}"
@@ -196,6 +198,7 @@ class CCAView(QWidget):
         self._trace: list[dict] = []
         self._progress = (0, 0, "")
         self._dirty = False
+        self._job = None                   # the cancel event of the run this view waits for (runner.delivering)
 
         # --- parameters and controls
         self.beam = QSpinBox()
@@ -217,7 +220,7 @@ class CCAView(QWidget):
         self.use_cf = QCheckBox("use CF as prior")
         self.use_cf.setToolTip("Weight the candidate ranking by the CF anomaly scores (run CF first)")
         self.run_button = QPushButton("Run CCA")
-        self.run_button.setToolTip("Search a minimal fix set and measure its evidence (Ctrl+R)")
+        self.run_button.setToolTip("Search a minimal fix set and measure its evidence (Ctrl+Shift+R)")
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setToolTip("Stop the search; the best set so far is shown, marked partial")
 
@@ -370,7 +373,7 @@ class CCAView(QWidget):
         self.partial_label.setVisible(False)
         self.progress.setRange(0, 0)            # busy until the first progress report
         self.stage_label.setText("Running CCA: loading the model…")
-        self.runner.submit(JOB, job, replace=True)
+        self._job = self.runner.submit(JOB, job, replace=True)
         self.timer.start()
         self._update_enabled()
         self.session.status.emit("CCA running…")
@@ -383,7 +386,7 @@ class CCAView(QWidget):
     # ------------------------------------------------------------------ runner slots
     @Slot(str, object)
     def _on_progress(self, name: str, data: object) -> None:
-        if name != JOB or not isinstance(data, tuple) or not data:
+        if name != JOB or not self.runner.delivering(self._job) or not isinstance(data, tuple) or not data:
             return
         if data[0] == "step":
             self._trace.append(data[1])
@@ -395,10 +398,19 @@ class CCAView(QWidget):
     def _on_finished(self, name: str, result: object) -> None:
         if name != JOB:
             return
+        if not self.runner.delivering(self._job):   # a run of a bundle since closed, or one since replaced
+            self._update_enabled()
+            return
+        self._job = None
         self.timer.stop()
         self._update_enabled()
-        self.progress.setRange(0, 1)
-        self.progress.setValue(1)
+        done, total, _what = self._progress
+        if result.partial and total > 0:         # a cancelled run shows how far it got, not 100%
+            self.progress.setRange(0, total)
+            self.progress.setValue(min(done, total))
+        else:
+            self.progress.setRange(0, 1)
+            self.progress.setValue(1)
         self.session.set_cca(result)     # → _on_cca_changed shows it
         self.session.status.emit("CCA partial (cancelled)" if result.partial else
                                  f"CCA done: {len(result.fix_set)}-element fix set")
@@ -407,6 +419,10 @@ class CCAView(QWidget):
     def _on_failed(self, name: str, message: str) -> None:
         if name != JOB:
             return
+        if not self.runner.delivering(self._job):
+            self._update_enabled()
+            return
+        self._job = None
         self.timer.stop()
         self._refresh()
         self._update_enabled()
@@ -447,6 +463,7 @@ class CCAView(QWidget):
     @Slot()
     def _on_bundle_closed(self) -> None:
         self.timer.stop()
+        self._job = None                   # its partial result, when it comes, belongs to no open bundle
         self._clear()
         self.stage_label.setText("Open a bundle to run CCA.")
         self._update_enabled()
@@ -455,6 +472,7 @@ class CCAView(QWidget):
         self.result = None
         self._trace = []
         self.trace_curve.setData([], [])
+        self.trace_plot.getPlotItem().enableAutoRange()   # no leftover axis range from the last run
         self.fix_table.setRowCount(0)
         self.criteria_table.setRowCount(0)
         self.summary.setText("")

@@ -30,13 +30,17 @@ def run_verdict_text(result) -> tuple[str, str]:
     """``(badge, detail)`` of a ``CFResult``'s run-level verdict, as the view shows them."""
     from engine.cf import format_score, run_no_verdict_text
 
+    missed = False
     if result.heldout_run_fpr is None:
-        why = ("no held-out benign prompts" if not result.n_heldout else
+        why = ("the run was cancelled" if result.partial else "no held-out benign prompts" if not result.n_heldout else
                "rebuild the baseline with forensics baseline build to measure it")
         fpr = f"held-out benign runs flagged: not measured ({why})"
     else:
+        missed = result.heldout_run_fpr > 0.05
         fpr = (f"held-out benign runs flagged: {result.heldout_run_fpr:.1%} of {result.n_run_heldout}"
-               + (" others" if result.run_calibration == "heldout" else "") + " (target ≤ 5%)")
+               + (" others" if result.run_calibration == "heldout" else "")
+               + (" (target ≤ 5%: MISSED, so this verdict is a false alarm more often than 1 run in 20)" if missed
+                  else " (target ≤ 5%)"))
     if result.run_anomalous is None:
         reason = result.run_no_verdict_reason or ("partial" if result.partial else "")
         why = run_no_verdict_text(reason, n_calibration=result.n_run_reference, calibration=result.run_calibration,
@@ -48,7 +52,7 @@ def run_verdict_text(result) -> tuple[str, str]:
     calib = ("held-out benign calibration runs" if result.run_calibration == "heldout" else
              "benign reference runs")
     rel = ">" if result.run_anomalous else "≤"
-    return ("Run ANOMALOUS" if result.run_anomalous else "Run not anomalous",
+    return (("Run ANOMALOUS" if result.run_anomalous else "Run not anomalous") + (" ⚠" if missed else ""),
             f"max site score {format_score(result.run_statistic)} {rel} run threshold "
             f"{format_score(result.run_threshold)}, p = {_fmt(result.run_p_value)} against {result.n_run_reference} "
             f"{calib}; {fpr}.")
@@ -84,6 +88,7 @@ class CFView(QWidget):
         self._live: dict[tuple[int, str], object] = {}   # LayerScores received during the run
         self._dirty = False
         self._progress = (0, 0, "")
+        self._job = None                   # the cancel event of the run this view waits for (runner.delivering)
 
         cf = _cf_module()
         self.statistic = QComboBox()
@@ -94,7 +99,7 @@ class CFView(QWidget):
             self.statistic.addItem(f"{name} ({_UNITS.get(name, name)})", name)
         self.statistic.setCurrentIndex(max(0, list(stats).index(default) if default in stats else 0))
         self.run_button = QPushButton("Run CF")
-        self.run_button.setToolTip("Score every layer × site of the incident against the benign baseline (Ctrl+F)")
+        self.run_button.setToolTip("Score every layer × site of the incident against the benign baseline (Ctrl+R)")
         self.cancel_button = QPushButton("Cancel")
         self.progress = QProgressBar()
         self.progress.setTextVisible(True)
@@ -213,7 +218,7 @@ class CFView(QWidget):
         self.progress.setValue(0)
         self._progress = (0, n_cells, "starting")
         self.state_label.setText(f"Running CF ({statistic}) on {n_cells} layer × site cells…")
-        self.runner.submit(JOB, job, replace=True)
+        self._job = self.runner.submit(JOB, job, replace=True)
         self.timer.start()
         self._update_enabled()
         self.session.status.emit("CF running…")
@@ -226,7 +231,7 @@ class CFView(QWidget):
     # ------------------------------------------------------------------ runner slots
     @Slot(str, object)
     def _on_progress(self, name: str, data: object) -> None:
-        if name != JOB or not isinstance(data, tuple) or not data:
+        if name != JOB or not self.runner.delivering(self._job) or not isinstance(data, tuple) or not data:
             return
         if data[0] == "layer":
             score = data[1]
@@ -240,6 +245,10 @@ class CFView(QWidget):
     def _on_finished(self, name: str, result: object) -> None:
         if name != JOB:
             return
+        if not self.runner.delivering(self._job):   # a run of a bundle since closed, or one since replaced
+            self._update_enabled()
+            return
+        self._job = None
         self.timer.stop()
         self._update_enabled()
         if result is None:
@@ -253,6 +262,10 @@ class CFView(QWidget):
     def _on_failed(self, name: str, message: str) -> None:
         if name != JOB:
             return
+        if not self.runner.delivering(self._job):
+            self._update_enabled()
+            return
+        self._job = None
         self.timer.stop()
         self._refresh()
         self._update_enabled()
@@ -290,6 +303,7 @@ class CFView(QWidget):
     @Slot()
     def _on_bundle_closed(self) -> None:
         self.timer.stop()
+        self._job = None                   # its partial result, when it comes, belongs to no open bundle
         self.result = None
         self._live = {}
         self._show_verdict(None)
@@ -315,12 +329,15 @@ class CFView(QWidget):
         self._fill_findings(result)
         flagged = sum(1 for s in result.scores if s.flagged)
         fpr = (f"; held-out benign FPR {result.heldout_fpr:.1%}" if result.heldout_fpr is not None else
+               "; held-out benign FPR not measured (the run was cancelled)" if result.partial else
                "; held-out benign FPR not measured (no held-out benign prompts)" if not result.n_heldout else
                "; held-out benign FPR not measured")
         self.state_label.setText(
             ("PARTIAL (cancelled): " if result.partial else "") +
-            f"CF ({result.statistic}) scored {len(result.scores)} cells in {result.seconds:.1f} s: {flagged} above "
-            f"threshold {_fmt(result.threshold)}{fpr}. Click a bar to show that site.")
+            f"CF ({result.statistic}) scored {len(result.scores)} cells in {result.seconds:.1f} s: "
+            + (f"{flagged} above threshold {_fmt(result.threshold)}" if math.isfinite(float(result.threshold)) else
+               "no threshold (cancelled before the benign baseline was built)")
+            + f"{fpr}. Click a bar to show that site.")
         self._show_verdict(result)
         self._update_enabled()
 

@@ -811,9 +811,15 @@ class EditorView(QWidget):
             return
         if any(self.model.problems):
             self.runner.cancel(JOB)
+            bad = [i + 1 for i, p in enumerate(self.model.problems) if p]
+            rows = f"row{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad[:5]))}{'…' if len(bad) > 5 else ''}"
+            self.after.setTitle(f"After — not replayed ({rows} invalid)")
             self.after.clear("— (the set has invalid rows)")
             self.banner.setText("Fix the invalid rows to replay")
             self.banner.setStyleSheet("QLabel { font-size: 15px; font-weight: bold; padding: 4px; color: #8b0000; }")
+            self.state.setText(f"Not replayed: {rows} of the set {'are' if len(bad) > 1 else 'is'} invalid; "
+                               "the After panel shows nothing until the set is valid.")
+            self.session.status.emit(f"Replay: not run — {rows} invalid")
             return
         ivs = self.interventions()
         key = self._key(bundle)
@@ -866,7 +872,7 @@ class EditorView(QWidget):
         else:
             text, color = "not failing before or after", "#333"
         if n:
-            text += f"   (metric {_fmt(b.metric)} → {_fmt(a.metric)}, Δ {delta:+.3g})"
+            text += f"   ({metric_name(bundle).split(' (')[0]} {_fmt(b.metric)} → {_fmt(a.metric)}, Δ {delta:+.3g})"
         bg = _OK_BG if "FIXED" in text else (FAIL_BG if color == FAIL_FG else "transparent")
         self.banner.setText(text)
         self.banner.setStyleSheet(f"QLabel {{ font-size: 15px; font-weight: bold; padding: 4px; color: {color}; "
@@ -896,6 +902,7 @@ class EditorView(QWidget):
         self.outcome = None
         self.before.clear()
         self.after.clear()
+        self.after.setTitle("After — with the set")
         self.banner.setText("—")
         self.banner.setStyleSheet("QLabel { font-size: 15px; font-weight: bold; padding: 4px; }")
         self._apply_rows([], replay=False)
@@ -916,6 +923,7 @@ class EditorView(QWidget):
         self._apply_rows([], replay=False)
         self.before.clear()
         self.after.clear()
+        self.after.setTitle("After — with the set")
         self.banner.setText("—")
         self.state.setText("Open a bundle to edit interventions.")
 

@@ -3,8 +3,9 @@
 :func:`export_certificate` (what ``MainWindow.export_certificate`` calls) asks for the PDF path, then runs on the
 engine thread whatever the certificate still needs: the bit-identical replay always, Compression Forensics when
 ``session.cf`` is empty, CCA when ``session.cca`` is empty (with :data:`CCA_CONTROLS` random control sets, as the
-CLI does), and builds the certificate data (``engine.certificate.build_certificate``) with the analyst's
-accept/reject decisions from ``session.analyst``. Progress goes to the status bar; Esc (Analysis ▸ Cancel) cancels
+CLI does) — and, when the user asks for it, in place of a partial (cancelled) CF or CCA result — and builds the
+certificate data (``engine.certificate.build_certificate``) with the analyst's accept/reject decisions from
+``session.analyst``. Progress goes to the status bar; Esc (Analysis ▸ Cancel) cancels
 and nothing is written.
 
 The PDF is drawn on the GUI thread (``workbench.pdf`` uses QPdfWriter/QPainter/QTextDocument, which we keep on the
@@ -50,7 +51,7 @@ class CertificateExport(QObject):
     failed = Signal(str)
     cancelled = Signal()
 
-    def __init__(self, window, session, runner, pdf_path: str | os.PathLike) -> None:
+    def __init__(self, window, session, runner, pdf_path: str | os.PathLike, *, rerun_partial: bool = False) -> None:
         super().__init__(window)
         self.setObjectName(OBJECT_NAME)
         self.window = window
@@ -61,6 +62,8 @@ class CertificateExport(QObject):
         self.written: list[str] = []
         self.finished_ok = False
         self._over = False
+        self.rerun_partial = rerun_partial   # a cancelled (partial) CF / CCA result is computed afresh
+        self._job = None
         runner.progress.connect(self._on_progress)
         runner.finished.connect(self._on_finished)
         runner.failed.connect(self._on_failed)
@@ -71,6 +74,9 @@ class CertificateExport(QObject):
         session = self.session
         bundle, bundle_path = session.bundle, Path(session.path)
         cf_given, cca_given = session.cf, session.cca
+        if self.rerun_partial:
+            cf_given = None if cf_given is not None and cf_given.partial else cf_given
+            cca_given = None if cca_given is not None and cca_given.partial else cca_given
         analyst = copy.deepcopy(session.analyst or {})
         pdf = self.pdf_path
         stem = pdf.with_suffix("")
@@ -128,7 +134,8 @@ class CertificateExport(QObject):
                     "cca_computed": cca_given is None, "cf_path": str(cf_path), "cca_path": str(cca_path),
                     "note": cf_note}
 
-        self.runner.submit(JOB, job)
+        self._bundle = bundle
+        self._job = self.runner.submit(JOB, job)
         self._status(f"Exporting the certificate to {pdf.name}: starting…")
 
     # ------------------------------------------------------------------ runner slots (GUI thread)
@@ -201,10 +208,11 @@ class CertificateExport(QObject):
             tmp.write_text(json.dumps(obj.to_dict(), indent=1) + "\n", encoding="utf-8")
             os.replace(tmp, path)
             self.written.append(str(path))
-        if result.get("cf_computed") and self.session.cf is None:
-            self.session.set_cf(result["cf"])
-        if result.get("cca_computed") and self.session.cca is None:
-            self.session.set_cca(result["cca"])
+        if self.session.bundle is self._bundle:   # the views show what the certificate carries
+            if result.get("cf_computed") and (self.session.cf is None or self.session.cf.partial):
+                self.session.set_cf(result["cf"])
+            if result.get("cca_computed") and (self.session.cca is None or self.session.cca.partial):
+                self.session.set_cca(result["cca"])
 
     def _fail(self, message: str) -> None:
         self._status(f"Certificate export failed: {message}")
@@ -228,8 +236,13 @@ class CertificateExport(QObject):
         self.deleteLater()
 
 
-def export_certificate(window, session, runner, path: str | os.PathLike | None = None) -> CertificateExport | None:
+def export_certificate(window, session, runner, path: str | os.PathLike | None = None, *,
+                       rerun_partial: bool | None = None) -> CertificateExport | None:
     """File ▸ Export certificate…: ask for the PDF path (unless ``path`` is given) and start the export.
+
+    When the CF or CCA result in the session is partial (its run was cancelled), ``rerun_partial`` says whether to
+    compute it afresh for the certificate (True) or certify it as it is (False: the certificate then says PARTIAL,
+    NOT CERTIFIED); ``None`` asks the user.
 
     Returns the :class:`CertificateExport` in flight, or ``None`` when there is nothing to do (no bundle open, the
     dialog was cancelled, an export is already running).
@@ -255,7 +268,23 @@ def export_certificate(window, session, runner, path: str | os.PathLike | None =
     path = Path(path)
     if path.suffix.lower() != ".pdf":
         path = path.with_name(path.name + ".pdf")
-    export = CertificateExport(window, session, runner, path)
+    partial = [w for w, r in (("CF", session.cf), ("CCA", session.cca)) if r is not None and r.partial]
+    if partial and rerun_partial is None:
+        what = " and ".join(partial)
+        box = QMessageBox(QMessageBox.Icon.Question, "Export certificate",
+                          f"The {what} result is partial: its run was cancelled.", parent=window)
+        box.setInformativeText(f"Run {what} again for the certificate, or certify the partial result as it is (the "
+                               "certificate will say PARTIAL and certify no root cause)?")
+        rerun = box.addButton(f"Run {what} again", QMessageBox.ButtonRole.AcceptRole)
+        keep = box.addButton("Certify the partial result", QMessageBox.ButtonRole.DestructiveRole)
+        box.addButton(QMessageBox.StandardButton.Cancel)
+        box.setDefaultButton(rerun)
+        box.exec()
+        if box.clickedButton() not in (rerun, keep):
+            window.show_status("Certificate export cancelled")
+            return None
+        rerun_partial = box.clickedButton() is rerun
+    export = CertificateExport(window, session, runner, path, rerun_partial=bool(rerun_partial))
     export.start()
     return export
 

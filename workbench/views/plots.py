@@ -33,6 +33,8 @@ def _fmt(x: float, digits: int = 3) -> str:
     if x is None:
         return "—"
     x = float(x)
+    if math.isnan(x):
+        return "—"            # not measured (e.g. a cancelled run): a dash, not a raw "nan"
     if not math.isfinite(x):
         return str(x)
     if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e5):

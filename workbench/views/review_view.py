@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 
 from PySide6.QtCore import Qt, Slot
-from PySide6.QtWidgets import (QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit, QPushButton, QSpinBox,
-                               QSplitter, QTableWidgetItem, QTabWidget, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QFormLayout, QFrame, QGroupBox, QHBoxLayout, QLabel, QLineEdit, QPushButton,
+                               QScrollArea, QSpinBox, QSplitter, QTableWidgetItem, QTabWidget, QVBoxLayout, QWidget)
 
 from workbench.views.cca_view import (_GREEN, _RED, CRITERIA_HEADERS, FIX_SET_HEADERS, _item, fill_criteria_table,
                                       fill_fix_set_table, make_table, summary_lines)
@@ -51,6 +51,7 @@ class ReviewView(QWidget):
         self._own_result = None        # the result our re-evaluation produced (keeps the analyst's rejections)
         self._removed: list[dict] = []  # elements rejected before a re-evaluation (no longer in the set)
         self._filling = False
+        self._job = None                # the cancel event of the re-evaluation this view waits for
 
         self.summary = QLabel("No fix set yet: run CCA first.")
         self.summary.setWordWrap(True)
@@ -101,8 +102,15 @@ class ReviewView(QWidget):
         self.tabs.addTab(self.position_map, "Layer \u00d7 position map")
         self.tabs.addTab(self.criteria, "Criteria")
 
+        # the elements box scrolls as a whole when the window is short, so the tabs below keep their share
+        el_scroll = QScrollArea()
+        el_scroll.setWidget(el_box)
+        el_scroll.setWidgetResizable(True)
+        el_scroll.setFrameShape(QFrame.Shape.NoFrame)
+        el_scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        el_box.setMinimumHeight(el_box.sizeHint().height())
         split = QSplitter(Qt.Orientation.Vertical)
-        split.addWidget(el_box)
+        split.addWidget(el_scroll)
         split.addWidget(self.tabs)
         split.setStretchFactor(0, 1)
         split.setStretchFactor(1, 2)
@@ -200,7 +208,7 @@ class ReviewView(QWidget):
             return evaluate_fix_set(bundle, session.model(), ivs, n_controls=n_controls, cancel=cancel,
                                     progress=lambda d, t, what: emit((int(d), int(t), str(what))))
 
-        self.runner.submit(JOB, job, replace=True)
+        self._job = self.runner.submit(JOB, job, replace=True)
         self.state_label.setText(f"Re-evaluating {len(ivs)} accepted element(s)…")
         self.session.status.emit("Re-evaluating the accepted fix set…")
         self._update_enabled()
@@ -213,6 +221,10 @@ class ReviewView(QWidget):
     def _on_finished(self, name: str, result: object) -> None:
         if name != JOB:
             return
+        if not self.runner.delivering(self._job):   # a re-evaluation of a bundle since closed
+            self._update_enabled()
+            return
+        self._job = None
         old = self.result
         self._own_result = result
         # elements the analyst rejected leave the set; they stay in the record as rejected
@@ -228,6 +240,10 @@ class ReviewView(QWidget):
     def _on_failed(self, name: str, message: str) -> None:
         if name != JOB:
             return
+        if not self.runner.delivering(self._job):
+            self._update_enabled()
+            return
+        self._job = None
         self.state_label.setText(f"Re-evaluation failed: {message}")
         self.session.status.emit(f"Re-evaluation failed: {message}")
         self._update_enabled()
@@ -235,12 +251,23 @@ class ReviewView(QWidget):
     # ------------------------------------------------------------------ session slots
     @Slot()
     def _on_bundle_closed(self) -> None:
+        self._job = None
+        self.note.clear()                  # the note is about this incident: never carried to the next one
+        self._clear()
+
+    def _clear(self) -> None:
+        """No fix set: empty tables, plots and tab titles (the note stays: it is about the incident)."""
         self.result = None
         self._own_result = None
         self._removed = []
         self.elements.setRowCount(0)
+        self.side_effects.clearSpans()
         self.side_effects.setRowCount(0)
         self.criteria.setRowCount(0)
+        self.histogram.set_data([], None, bins=20, value_range=(0.0, 1.0))
+        self.position_map.set_cells(0, 0, [])
+        for i, title in enumerate(("Side effects", "Controls", "Layer \u00d7 position map", "Criteria")):
+            self.tabs.setTabText(i, title)
         self.summary.setText("No fix set yet: run CCA first.")
         self.rejected_label.setText("")
         self.state_label.setText("")
@@ -249,7 +276,7 @@ class ReviewView(QWidget):
     @Slot(object)
     def _on_cca_changed(self, result) -> None:
         if result is None:
-            self._on_bundle_closed()
+            self._clear()
             return
         ours = result is self._own_result
         self.result = result
