@@ -1294,8 +1294,9 @@ def baseline_for_bundle(bundle, handle, *, statistic: str = DEFAULT_STATISTIC, c
     """A cached baseline that fits (same weights, statistic, prompts) or a freshly built and cached one."""
     prompts, heldout = bundle_prompts(bundle)
     if not prompts:
-        raise CFError("the bundle has no benign reference prompts; build a baseline with "
-                      "`forensics baseline build` and pass --baseline")
+        raise CFError("the bundle has no benign reference prompts: re-record it with --benign-file, or build a "
+                      "baseline with `forensics baseline build --model DIR --benign-file FILE` and pass it to "
+                      "`forensics cf --baseline`")
     sha = bundle.model_info["weights_sha256"]
     paths = baseline_cache_paths(Path(bundle.path), sha)
     for p in paths:

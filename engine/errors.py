@@ -37,6 +37,10 @@ class BundleContentError(BundleError):
     """A group, dataset or attribute is missing or has the wrong type, shape or values."""
 
 
+class RecordError(ForensicsError):
+    """A run cannot be recorded as asked (an empty prompt, no tokens to generate)."""
+
+
 class ReplayError(ForensicsError):
     """A replay could not be run (weights hash mismatch prevents loading, model unavailable)."""
 

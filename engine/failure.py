@@ -31,6 +31,13 @@ from .errors import FailureSpecError
 KINDS = ("contains", "wordlist", "token", "label")
 
 
+def metric_name(kind: str) -> str:
+    """What the failure metric of a spec ``kind`` measures, in words (higher = more failing for every kind)."""
+    if kind in ("contains", "wordlist"):
+        return "log-prob of the failing text (nats; higher = more failing)"
+    return "logit margin of the failing outcome (higher = more failing)"
+
+
 def resources_dir() -> Path:
     """The shipped ``resources/`` folder (installed as a data package)."""
     import resources

@@ -214,6 +214,8 @@ class InterventionSet:
 
     @classmethod
     def from_dict(cls, obj: Any, name: str = "") -> "InterventionSet":
+        if isinstance(obj, Mapping) and ("fix_set" in obj or isinstance(obj.get("cca"), Mapping)):
+            return cls._from_fix_set(obj, name)
         if isinstance(obj, list):
             items, nm = obj, name
         elif isinstance(obj, Mapping):
@@ -232,6 +234,19 @@ class InterventionSet:
             except InterventionError as exc:
                 raise InterventionError(f"intervention #{k}: {exc}") from None
         return cls(tuple(out), str(nm))
+
+    @classmethod
+    def _from_fix_set(cls, obj: Mapping, name: str) -> "InterventionSet":
+        """The fix set of a CCA result (``forensics cca --out``) or of a certificate (its ``cca`` section): each
+        element's intervention, without the evidence stored beside it."""
+        res = obj["cca"] if "fix_set" not in obj else obj
+        fix = res.get("fix_set") if isinstance(res, Mapping) else None
+        if not isinstance(fix, list) or not fix:
+            raise InterventionError("the CCA result holds no fix set (\"fix_set\" is missing or empty)")
+        keys = ("layer", "component", "positions", "op", "indices", "value", "values")
+        items = [{k: e[k] for k in keys if k in e and e[k] is not None and e[k] != []} if isinstance(e, Mapping)
+                 else e for e in fix]
+        return cls.from_dict({"name": name or "fix set", "interventions": items})
 
     @classmethod
     def from_json(cls, text: str, name: str = "") -> "InterventionSet":

@@ -31,7 +31,7 @@ import torch
 from .behaviour import decode, encode, greedy_continuation
 from .bundle import (BenignRecord, FailureRecord, Incident, ModelInfo, RunRecord, TokenizerInfo)
 from .bundle.schema import ACTIVATION_SITES, PROMPT_SETS, STAT_SITES
-from .errors import FailureSpecError, ForensicsError
+from .errors import FailureSpecError, ForensicsError, RecordError
 from .failure import FailureSpec, margin, span_logprob
 from .hooks import forward_captured
 from .layout import THREADING, pinned_threads
@@ -258,6 +258,11 @@ def record_incident(handle: ModelHandle, prompt: str, failure: str | FailureSpec
     Write it with :func:`engine.bundle.write_bundle`.
     """
     spec = failure if isinstance(failure, FailureSpec) else FailureSpec.parse(failure)
+    if not str(prompt).strip():
+        raise RecordError("the failing prompt is empty: give the text the model fails on")
+    if spec.kind in ("contains", "wordlist") and int(max_new_tokens) < 1:
+        raise RecordError(f"max_new_tokens must be at least 1 (got {max_new_tokens}): a {spec.kind}: failure is "
+                          "judged on the generated continuation")
     torch.manual_seed(SEED)
     sets = {k: list(v) for k, v in (prompt_sets or {}).items() if v is not None}
     unknown = set(sets) - set(PROMPT_SETS)

@@ -183,6 +183,13 @@ def replay(bundle: IncidentBundle | str | Path, *, model_source: str | None = No
         enc = bundle_inputs(b)
         keys = [(i, s) for i in range(b.n_layers) for s in b.sites]
         report = ReplayReport(bundle=str(b.path), bit_identical=False, checks=checks, model_loaded_from=loaded_from)
+        rec_d = int(b.model_info.get("d_model", handle.d_model))
+        if handle.n_layers != b.n_layers or handle.d_model != rec_d:
+            # another model altogether (``--model`` pointing elsewhere): nothing recorded can be compared
+            checks.append(Check("architecture", False, f"the model has {handle.n_layers} blocks of width "
+                                f"{handle.d_model}; the bundle recorded {b.n_layers} of width {rec_d}"))
+            report.seconds = time.perf_counter() - t0
+            return report
         with recorded_layout(b) as threads:
             report.threads = threads
             if progress:

@@ -176,6 +176,66 @@ def test_intervention_set_from_stdin_or_a_pipe_equals_the_file(recorded, tmp_pat
     assert_one_line_error(forensics("intervene", recorded, "--set", tmp_path), "is a directory")
 
 
+def test_out_naming_the_input_bundle_is_refused_and_the_bundle_survives(recorded, tmp_path):
+    """``--out`` equal to the bundle would replace the incident with a result file: refused before any work."""
+    import shutil
+
+    victim = tmp_path / "victim.h5"
+    shutil.copy(recorded, victim)
+    before = victim.read_bytes()
+    for cmd in (("cf", victim, "--out", victim), ("cca", victim, "--out", victim),
+                ("baseline", "build", victim, "--out", victim)):
+        assert_one_line_error(forensics(*cmd), "is an input of this command")
+    assert victim.read_bytes() == before
+    (tmp_path / "folder.json").mkdir()
+    assert_one_line_error(forensics("cca", victim, "--out", tmp_path / "folder.json"), "is a folder")
+    assert_one_line_error(forensics("cca", victim, "--out", tmp_path / "nodir" / "x.json"), "folder does not exist")
+
+
+def test_empty_prompt_and_nonpositive_counts_are_one_line(model_dir, recorded, tmp_path):
+    out = tmp_path / "r.h5"
+    for prompt in ("", "   "):
+        assert_one_line_error(forensics("record", "--model", model_dir, "--prompt", prompt, "--failure",
+                                        "contains:x", "--out", out), "prompt is empty")
+    assert_one_line_error(forensics("record", "--model", model_dir, "--prompt", "hi", "--failure", "contains:x",
+                                    "--out", out, "--max-new-tokens", "0"), "at least 1")
+    assert not out.exists()
+    s = tmp_path / "set.json"
+    s.write_text('{"interventions": [{"layer": 0, "component": "mlp", "positions": "all", "op": "zero"}]}')
+    assert_one_line_error(forensics("intervene", recorded, "--set", s, "--top-k", "-3"), "at least 1")
+
+
+def test_replay_against_a_model_of_another_shape_differs(recorded, tmp_path, tiny_tokenizer):
+    """``replay --model`` pointing at another architecture: DIFFERS (exit 1) with the reason, not an error."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_layer=3, n_embd=16, n_head=2, vocab_size=len(tiny_tokenizer), n_positions=64)
+    other = tmp_path / "other-model"
+    GPT2LMHeadModel(cfg).save_pretrained(other, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(other)
+    proc = forensics("replay", recorded, "--model", other)
+    assert proc.returncode == 1, proc.stderr
+    assert "DIFFERS" in proc.stdout and "[FAIL] architecture: the model has 3 blocks" in proc.stdout
+
+
+def test_intervene_takes_a_cca_results_fix_set(recorded, tmp_path):
+    """A CCA result (or a certificate) given to ``intervene --set`` replays its fix set."""
+    fix = [{"layer": 0, "component": "mlp", "positions": "all", "op": "zero", "indices": [], "value": None,
+            "drop_one_metric": 1.0, "drop_one_failing": True, "single_metric": -1.0}]
+    res = tmp_path / "cca.json"
+    res.write_text(json.dumps({"schema": "x", "fix_set": fix, "flipped": True}))
+    plain = tmp_path / "set.json"
+    plain.write_text('{"interventions": [{"layer": 0, "component": "mlp", "positions": "all", "op": "zero"}]}')
+    got = json.loads(forensics("intervene", recorded, "--set", res, "--json").stdout)
+    want = json.loads(forensics("intervene", recorded, "--set", plain, "--json").stdout)
+    assert got["after"] == want["after"]
+    cert = tmp_path / "cert.json"
+    cert.write_text(json.dumps({"cca": {"fix_set": fix}}))
+    assert json.loads(forensics("intervene", recorded, "--set", cert, "--json").stdout)["after"] == want["after"]
+    text = forensics("intervene", recorded, "--set", res).stdout
+    assert "metric: log-prob of the failing text" in text       # says which metric it prints
+
+
 def test_unknown_command_is_one_line():
     assert_one_line_error(forensics("frobnicate"))
 

@@ -75,6 +75,35 @@ def _read_text(path: str, what: str = "") -> str:
         raise CliError(f"{label} cannot be read: {path} ({e.strerror or e})") from None
 
 
+def check_output(path: str | os.PathLike, what: str = "output", *, inputs: tuple = ()) -> Path:
+    """Refuse an output path before any slow work: a folder, a missing or read-only folder, or one of the command's
+    own input files (``--out`` naming the bundle would replace the incident with the result)."""
+    out = Path(path)
+    if out.is_dir():
+        raise CliError(f"{what} {path} is a folder; give a file name")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise CliError(f"output folder does not exist: {folder}")
+    if not os.access(folder, os.W_OK):
+        raise CliError(f"output folder is not writable: {folder}")
+    for src in inputs:
+        if src and out.exists() and Path(src).exists() and os.path.samefile(out, src):
+            raise CliError(f"{what} {path} is an input of this command; writing it would replace that file: "
+                           "choose another path")
+    return out
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
 def _read_lines(path: str | None) -> list[str]:
     if not path:
         return []
@@ -89,9 +118,9 @@ def cmd_record(args) -> int:
     from engine.recorder import record_incident
 
     spec = FailureSpec.parse(args.failure)
-    out = Path(args.out)
-    if not out.parent.exists():
-        raise CliError(f"output folder does not exist: {out.parent}")
+    if not args.prompt.strip():
+        raise CliError("--prompt is empty: give the text the model fails on")
+    out = check_output(args.out, "--out", inputs=(args.benign_file, args.variants_file, args.heldout_file))
     handle = load_model(args.model, trust_remote_code=args.trust_remote_code)
     sets = {}
     if args.counterpart:
@@ -113,6 +142,12 @@ def cmd_record(args) -> int:
                "weights_embedded": inc.model.weights_safetensors is not None,
                "bytes": out.stat().st_size, "seconds": round(time.perf_counter() - t0, 3)}
     summary["notes"] = _record_notes(sets, summary["benign_runs"])
+    if spec.kind == "token":
+        ids = handle.tokenizer.encode(spec.value, add_special_tokens=False)
+        if len(ids) > 1:
+            first = handle.tokenizer.decode(ids[:1])
+            summary["notes"].insert(0, f"token:{spec.value!r} is {len(ids)} tokens; the failure is the next token "
+                                       f"being the first of them, {first!r}")
     if args.json:
         print(json.dumps(summary))
     else:
@@ -181,8 +216,11 @@ def cmd_intervene(args) -> int:
     def top(r):
         return ", ".join(f"{t!r} {p:.2f}" for t, p in r["top_k"])
 
+    from engine.failure import metric_name
+
     b, a = summary["before"], summary["after"]
     print(f"intervention set {iset.name!r} ({len(iset.interventions)} edit(s)) on {args.bundle} [{summary['failure']}]")
+    print(f"  metric: {metric_name(summary['failure'].split(':', 1)[0])}, teacher-forced on the recorded path")
     for label, r in (("before", b), ("after ", a)):
         out = f"output {r['continuation']!r}, " if r["continuation"] is not None else ""
         print(f"  {label}: {'FAILS' if r['failing'] else 'ok   '}  {out}metric {r['metric']:.4g}; top: {top(r)}")
@@ -359,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--counterpart", help="the same prompt without the attack (donor for patching)")
     r.add_argument("--variants-file", help="held-out failing variants, one per line")
     r.add_argument("--heldout-file", help="held-out benign prompts for side effects, one per line")
-    r.add_argument("--max-new-tokens", type=int, default=8)
+    r.add_argument("--max-new-tokens", type=positive_int, default=8,
+                   help="greedy continuation length for contains:/wordlist: failures (default 8)")
     r.add_argument("--embed-weights", choices=("auto", "yes", "no"), default="auto")
     r.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the model to run")
     r.add_argument("--json", action="store_true")
@@ -373,8 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     iv = sub.add_parser("intervene", help="replay with a hand-written intervention set; before/after")
     iv.add_argument("bundle")
-    iv.add_argument("--set", required=True, dest="set_file", help="intervention set JSON (- reads standard input)")
-    iv.add_argument("--top-k", type=int, default=5, help="next-token alternatives to show (default 5)")
+    iv.add_argument("--set", required=True, dest="set_file", help="intervention set JSON, or a CCA result / certificate JSON (its fix set); - reads "
+                                         "standard input")
+    iv.add_argument("--top-k", type=positive_int, default=5, help="next-token alternatives to show (default 5)")
     iv.add_argument("--json", action="store_true")
     iv.set_defaults(func=cmd_intervene)
 
@@ -438,4 +478,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m workbench.cli``: run the package's module, not this ``__main__`` copy, so that the CliError the
+    # command modules import (``from workbench.cli import CliError``) is the one main() catches
+    from workbench.cli import main as _main
+
+    sys.exit(_main())

@@ -5,7 +5,7 @@
 
 Exit status: 0 = a fix set was found and every criterion of the issue holds; 1 = the search finished but the set
 misses at least one criterion (or nothing fixes the incident) — the output says which and by how much; 2 = bad
-usage; 3 = bad input (missing or corrupt bundle, nothing to fix).
+usage or a missing file; 3 = bad input (a corrupt bundle, nothing to fix).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ def register(sub) -> None:
     c = sub.add_parser("cca", help="causal minimal fix set search (flip rate, side effects, minimality, p-value)",
                        description="Search the smallest set of activation interventions that makes the incident's "
                                    "failure go away, and measure its evidence. Exit 0 = every criterion holds, "
-                                   "1 = a criterion is missed (printed), 2 = usage, 3 = bad input.")
+                                   "1 = a criterion is missed (printed), 2 = usage or a missing file, 3 = bad input "
+                                   "(a corrupt bundle, nothing to fix).")
     c.add_argument("bundle", help="incident bundle (.h5)")
     c.add_argument("--json", action="store_true", help="print the result as one JSON object")
     c.add_argument("--out", help="write the result JSON to this file")
@@ -30,7 +31,7 @@ def register(sub) -> None:
     c.add_argument("--max-size", type=int, default=4, help="largest fix set searched")
     c.add_argument("--op", choices=("mean", "patch"), default="mean",
                    help="mean = benign mean ablation (default), patch = from the benign counterpart")
-    c.add_argument("--controls", type=int, default=200, help="random control sets for the p-value (>= 200)")
+    c.add_argument("--controls", type=int, default=200, help="random control sets for the p-value (default 200; the p-value criterion needs >= 200)")
     c.add_argument("--seed", type=int, default=0, help="seed of the control sets")
     c.add_argument("--no-cf", action="store_true", help="rank without the CF prior")
     c.add_argument("--cf", help="a CF result JSON (forensics cf --json) to use as the prior")
@@ -61,9 +62,17 @@ def _load_cf(args, bundle, handle):
         if not p.is_file():
             raise CliError(f"CF result file not found: {args.cf}")
         try:
-            return cfmod.CFResult.from_dict(json.loads(p.read_text(encoding="utf-8"))), f"from {args.cf}"
+            cf = cfmod.CFResult.from_dict(json.loads(p.read_text(encoding="utf-8")))
         except (ValueError, KeyError, TypeError) as exc:
             raise CliError(f"CF result file {args.cf} is not a CF result: {exc}") from None
+        sha = bundle.model_info.get("weights_sha256", "")
+        if cf.weights_sha256 and sha and cf.weights_sha256 != sha:
+            raise CliError(f"--cf {args.cf} was computed on another model (weights sha256 {cf.weights_sha256[:12]}… "
+                           f"vs the bundle's {sha[:12]}…): run forensics cf on this bundle")
+        if cf.bundle_uuid and cf.bundle_uuid != bundle.uuid:
+            raise CliError(f"--cf {args.cf} is the CF result of another incident (bundle {cf.bundle_uuid}, not "
+                           f"{bundle.uuid}): run forensics cf on this bundle")
+        return cf, f"from {args.cf}"
     return cfmod.run_cf(bundle, handle), "computed (engine.cf.run_cf)"
 
 
@@ -75,7 +84,7 @@ def cmd_cca(args) -> int:
     from engine.bundle import open_bundle
     from engine.cca import not_measured, run_cca, torch_threads
     from engine.replay import load_bundle_model
-    from workbench.cli import CliError, _progress
+    from workbench.cli import CliError, _progress, check_output
 
     if args.beam < 1:
         raise CliError("--beam must be >= 1")
@@ -85,8 +94,12 @@ def cmd_cca(args) -> int:
         raise CliError("--controls must be >= 0")
     if args.threads < 0:
         raise CliError("--threads must be >= 0")
+    if args.cf and args.no_cf:
+        raise CliError("--cf and --no-cf contradict each other: give one")
     if not Path(args.bundle).is_file():
         raise CliError(f"bundle not found: {args.bundle}")
+    if args.out:
+        check_output(args.out, "--out", inputs=(args.bundle, args.cf))
     with open_bundle(args.bundle) as bundle:
         handle = load_bundle_model(bundle)
         with torch_threads(args.threads or None):

@@ -11,8 +11,8 @@ the user cache), else one built from the bundle's benign reference runs and cach
 ``engine.cf.CFResult.to_dict()`` object. ``forensics baseline build`` writes the baseline database explicitly (from
 a bundle's benign prompts, or from a model and a prompts file), so other incidents of the same model reuse it.
 
-Exit status: 0 = done; 2 = bad usage; 3 = bad input (missing or corrupt bundle or baseline, a baseline of another
-model, no benign prompts). Errors are one line on stderr.
+Exit status: 0 = done; 2 = bad usage or a missing file; 3 = bad input (a corrupt bundle or baseline, a baseline of
+another model, no benign prompts). Errors are one line on stderr.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def _token(bundle, p: int) -> str:
 def cmd_cf(args) -> int:
     from engine.bundle import open_bundle
     from engine.cf import load_baseline, run_cf
-    from workbench.cli import CliError, _progress
+    from workbench.cli import CliError, _progress, check_output
 
     if args.top < 0:
         raise CliError("--top must be >= 0")
@@ -146,8 +146,8 @@ def cmd_cf(args) -> int:
         raise CliError(f"bundle not found: {args.bundle}")
     if args.baseline and not Path(args.baseline).is_file():
         raise CliError(f"baseline file not found: {args.baseline}")
-    if args.out and not Path(args.out).resolve().parent.is_dir():
-        raise CliError(f"output folder does not exist: {Path(args.out).parent}")
+    if args.out:
+        check_output(args.out, "--out", inputs=(args.bundle, args.baseline))
     t0 = time.perf_counter()
     with open_bundle(args.bundle) as bundle:
         baseline, source = None, "cached or built from the bundle's benign runs"
@@ -234,11 +234,9 @@ def _summary_lines(summary: dict) -> list[str]:
 
 def cmd_baseline_build(args) -> int:
     from engine.cf import build_baseline, bundle_prompts, save_baseline
-    from workbench.cli import CliError, _progress, _read_lines
+    from workbench.cli import CliError, _progress, _read_lines, check_output
 
-    out = Path(args.out)
-    if not out.resolve().parent.is_dir():
-        raise CliError(f"output folder does not exist: {out.parent}")
+    out = check_output(args.out, "--out", inputs=(args.bundle, args.benign_file, args.heldout_file))
     if bool(args.bundle) == bool(args.model):
         raise CliError("give either a BUNDLE or --model (with --benign-file), not both and not neither")
     t0 = time.perf_counter()

@@ -15,10 +15,9 @@ FAIL_FG = "#8b0000"
 
 def metric_name(bundle) -> str:
     """What the incident's failure metric measures, in words (higher = more failing for every spec kind)."""
-    kind = bundle.failure.kind if bundle is not None else ""
-    if kind in ("contains", "wordlist"):
-        return "log-prob of the failing text (nats; higher = more failing)"
-    return "logit margin of the failing outcome (higher = more failing)"
+    from engine.failure import metric_name as _words
+
+    return _words(bundle.failure.kind if bundle is not None else "")
 
 
 def _tok(text: str) -> str:
