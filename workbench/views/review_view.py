@@ -16,7 +16,8 @@ import math
 
 from PySide6.QtCore import Qt, Slot
 from PySide6.QtWidgets import (QFormLayout, QFrame, QGroupBox, QHBoxLayout, QLabel, QLineEdit, QPushButton,
-                               QScrollArea, QSpinBox, QSplitter, QTableWidgetItem, QTabWidget, QVBoxLayout, QWidget)
+                               QScrollArea, QSizePolicy, QSpinBox, QSplitter, QTableWidgetItem, QTabWidget,
+                               QVBoxLayout, QWidget)
 
 from workbench.views.cca_view import (_GREEN, _RED, CRITERIA_HEADERS, FIX_SET_HEADERS, _item, fill_criteria_table,
                                       fill_fix_set_table, make_table, summary_lines)
@@ -59,6 +60,11 @@ class ReviewView(QWidget):
 
         self.elements = make_table(["accept"] + FIX_SET_HEADERS)
         self.elements.setToolTip("Tick the elements you accept; untick to reject. Then re-evaluate.")
+        # the table takes the height left in its box (at least two rows) rather than asking for its preferred one,
+        # so the note and the Re-evaluate button below it stay in view
+        self.elements.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Ignored)
+        self.elements.setMinimumHeight(self.elements.horizontalHeader().sizeHint().height()
+                                       + 2 * self.elements.verticalHeader().defaultSectionSize() + 4)
         self.rejected_label = QLabel("")
         self.rejected_label.setWordWrap(True)
         self.note = QLineEdit()
@@ -102,21 +108,28 @@ class ReviewView(QWidget):
         self.tabs.addTab(self.position_map, "Layer \u00d7 position map")
         self.tabs.addTab(self.criteria, "Criteria")
 
-        # the elements box scrolls as a whole when the window is short, so the tabs below keep their share
-        el_scroll = QScrollArea()
-        el_scroll.setWidget(el_box)
-        el_scroll.setWidgetResizable(True)
-        el_scroll.setFrameShape(QFrame.Shape.NoFrame)
-        el_scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        el_box.setMinimumHeight(el_box.sizeHint().height())
+        # the summary and the elements box scroll as a whole when the window is short (a laptop screen), so the
+        # evidence tabs below keep their share instead of being squeezed to a row or two
+        top = QWidget()
+        tl = QVBoxLayout(top)
+        tl.setContentsMargins(0, 0, 0, 0)
+        tl.addWidget(self.summary)
+        tl.addWidget(el_box, 1)
+        top_scroll = QScrollArea()
+        top_scroll.setWidget(top)
+        top_scroll.setWidgetResizable(True)
+        top_scroll.setFrameShape(QFrame.Shape.NoFrame)
+        top_scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         split = QSplitter(Qt.Orientation.Vertical)
-        split.addWidget(el_scroll)
+        split.addWidget(top_scroll)
         split.addWidget(self.tabs)
         split.setStretchFactor(0, 1)
-        split.setStretchFactor(1, 2)
+        split.setStretchFactor(1, 1)
+        self._split, self._top = split, top
+        self._user_split = False          # once the analyst drags the splitter, the view leaves it where it is
+        split.splitterMoved.connect(lambda *_: setattr(self, "_user_split", True))
 
         lay = QVBoxLayout(self)
-        lay.addWidget(self.summary)
         lay.addWidget(split, 1)
 
         self.elements.itemChanged.connect(self._on_item_changed)
@@ -288,6 +301,21 @@ class ReviewView(QWidget):
         self._store_analyst()
         self._update_enabled()
 
+    # ------------------------------------------------------------------ layout
+    def _balance(self) -> None:
+        """Give the summary and elements all the height they need, up to half the view; the tabs get the rest."""
+        if self._user_split:
+            return
+        total = sum(self._split.sizes())
+        if total <= 0:
+            return
+        need = min(self._top.minimumSizeHint().height() + 2, total // 2)
+        self._split.setSizes([need, total - need])
+
+    def resizeEvent(self, event) -> None:  # noqa: N802 - Qt naming
+        super().resizeEvent(event)
+        self._balance()
+
     # ------------------------------------------------------------------ drawing
     def _fill(self, result) -> None:
         self._filling = True
@@ -326,6 +354,7 @@ class ReviewView(QWidget):
             self.side_effects.setSpan(0, 0, 1, self.side_effects.columnCount())
             self.side_effects.setItem(0, 0, _item(not_measured("side_effect_rate", result)))
         fill_criteria_table(self.criteria, result)
+        self._balance()
         # controls vs observed
         ctrl = result.evidence.get("controls", {}) if isinstance(getattr(result, "evidence", None), dict) else {}
         observed = ctrl.get("observed_flip_rate")
