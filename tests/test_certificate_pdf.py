@@ -212,3 +212,30 @@ def test_cf_with_too_few_benign_runs_gives_no_run_verdict_in_clean_sentences(dem
         for wrong in ("run anomalous", "the run is anomalous", "is n/a", "flags not measured", "conformal 95th"):
             assert wrong not in body, (name, wrong)
     assert_text_inside_margins(pdf)
+
+
+def test_thin_evidence_is_on_the_banner_and_in_the_verdict(demo_pdf, tmp_path):
+    """Every criterion met on 2 held-out variants and 3 benign prompts: the banner says QUALIFIED with the thin
+    evidence (the flip rate's Wilson 95% interval reaches down to 34.2%), and so does the verdict."""
+    import copy
+
+    from engine.certificate import verdict_sentence
+    from engine.stats import wilson_interval
+
+    doc = copy.deepcopy(demo_pdf[0])
+    cca = doc["cca"]
+    cca.update(n_variants=2, flip_rate=1.0, flip_rate_ci=list(wilson_interval(2, 2)), n_benign=3,
+               side_effect_rate=0.0, side_effects=[{"prompt": f"benign {i}", "changed": False} for i in range(3)])
+    cca["evidence"]["side_effects"]["n_changed"] = 0
+    for c in cca["criteria"].values():
+        c["ok"] = True
+    doc["verdict"] = verdict_sentence(doc)
+    status = certificate_status(doc)
+    assert status["level"] == "qualified"
+    pdf = render_certificate_pdf(doc, tmp_path / "thin.pdf")
+    body = flat(pdftotext(pdf, "-f", "1", "-l", "1"))
+    assert flat(status["headline"]) in body
+    assert "FIX FOUND, QUALIFIED: thin evidence: the flip rate's 95% CI reaches down to 34.2% (< 80%) over 2" in body
+    assert "Thin evidence: the flip rate's 95% CI reaches down to 34.2% (< 80%) over 2 held-out variants" in body
+    assert flat(doc["verdict"]) in body
+    assert_text_inside_margins(pdf)
