@@ -336,6 +336,17 @@ def render(bm: dict, res: dict, res_units: dict, sc: dict) -> str:
       "held-out benign prompts, no counterpart) is `null` in the JSON, its criterion (if it has one) is missed, the "
       "detail says `not measured: …` with the `forensics record` option that would have supplied them.")
     w("")
+    w("A cancelled run returns its best set so far with `partial: true`. When the cancel came before that set was "
+      "run on the incident (during the search), `flipped` is false because nothing was confirmed, not because the "
+      "set was seen to fail: `incident_flipped` and `one_minimal` then have `value: null` and the detail `not "
+      "measured: the run was cancelled before the set was checked on the incident (best search metric … , "
+      "teacher-forced)`; the CLI, the GUI and the certificate say \"not checked\" (`CCAResult.checked`, "
+      "`engine.certificate.set_was_checked` for the JSON).")
+    w("")
+    w("The criteria compare point estimates with their targets. A certificate (`forensics certify`) is only "
+      "*qualified*, not certified, when a met rate's Wilson 95% interval reaches past its target (thin evidence: "
+      "`engine.certificate.thin_evidence`), which the flip-rate column below shows.")
+    w("")
     w("## Results on the shipped scenarios")
     w("")
     w("`forensics cca BUNDLE` with its defaults (CF prior, mean-ablation, greedy, 200 controls, one thread):")

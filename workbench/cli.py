@@ -13,7 +13,7 @@ Added since (the contract only grows)::
 
     forensics intervene BUNDLE.h5 --set FILE.json [--json]
     forensics baseline build BUNDLE.h5 --out BASELINE.h5 | baseline info BASELINE.h5
-    forensics verify-certificate CERT.json BUNDLE.h5 [--json]
+    forensics verify-certificate CERT.json BUNDLE.h5 [--json]   # exit 0 verified, 1 a claim fails, 4 not all checkable
     forensics demo [--out DIR]
 
 ``--json`` prints one JSON object on stdout. Bad input exits non-zero with one line on stderr naming the problem.
