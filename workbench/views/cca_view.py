@@ -51,6 +51,17 @@ def make_table(headers: list[str]) -> QTableWidget:
     return t
 
 
+def vertical_scroll(widget: QWidget) -> QScrollArea:
+    """``widget`` in a frameless scroll area that scrolls vertically only (it fills the width), so a short window
+    scrolls the content instead of squeezing it or growing its own minimum height."""
+    area = QScrollArea()
+    area.setWidget(widget)
+    area.setWidgetResizable(True)
+    area.setFrameShape(QFrame.Shape.NoFrame)
+    area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    return area
+
+
 def _item(text: str, numeric: bool = False) -> QTableWidgetItem:
     it = QTableWidgetItem(text)
     if numeric:
@@ -284,11 +295,7 @@ class CCAView(QWidget):
 
         # the result scrolls as a whole when the window is short (a 1366 x 768 laptop screen), so its labels and
         # tables never set the window's minimum height
-        self.result_scroll = QScrollArea()
-        self.result_scroll.setWidget(result_box)
-        self.result_scroll.setWidgetResizable(True)
-        self.result_scroll.setFrameShape(QFrame.Shape.NoFrame)
-        self.result_scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.result_scroll = vertical_scroll(result_box)
 
         split = QSplitter(Qt.Orientation.Vertical)
         split.addWidget(self.trace_plot)

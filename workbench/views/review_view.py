@@ -15,12 +15,11 @@ from __future__ import annotations
 import math
 
 from PySide6.QtCore import Qt, Slot
-from PySide6.QtWidgets import (QFormLayout, QFrame, QGroupBox, QHBoxLayout, QLabel, QLineEdit, QPushButton,
-                               QScrollArea, QSizePolicy, QSpinBox, QSplitter, QTableWidgetItem, QTabWidget,
-                               QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit, QPushButton, QSizePolicy,
+                               QSpinBox, QSplitter, QTableWidgetItem, QTabWidget, QVBoxLayout, QWidget)
 
 from workbench.views.cca_view import (_GREEN, _RED, CRITERIA_HEADERS, FIX_SET_HEADERS, _item, fill_criteria_table,
-                                      fill_fix_set_table, make_table, summary_lines)
+                                      fill_fix_set_table, make_table, summary_lines, vertical_scroll)
 from workbench.views.plots import HistogramPlot, PositionMap, _fmt
 
 JOB = "review"
@@ -115,11 +114,7 @@ class ReviewView(QWidget):
         tl.setContentsMargins(0, 0, 0, 0)
         tl.addWidget(self.summary)
         tl.addWidget(el_box, 1)
-        top_scroll = QScrollArea()
-        top_scroll.setWidget(top)
-        top_scroll.setWidgetResizable(True)
-        top_scroll.setFrameShape(QFrame.Shape.NoFrame)
-        top_scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        top_scroll = vertical_scroll(top)
         split = QSplitter(Qt.Orientation.Vertical)
         split.addWidget(top_scroll)
         split.addWidget(self.tabs)
