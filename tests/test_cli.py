@@ -126,6 +126,34 @@ def test_replay_of_a_bad_file_is_one_line(case, recorded, tmp_path):
     assert proc.stdout == ""
 
 
+@pytest.mark.parametrize("argv", [["replay", "B"], ["intervene", "B", "--set", "-"], ["cf", "B"], ["cca", "B"],
+                                  ["certify", "B", "--out", "c.pdf"], ["baseline", "build", "B", "--out", "b.h5"],
+                                  ["verify-certificate", "CERT", "B"]])
+def test_a_missing_bundle_is_a_usage_error_in_every_command(argv, tmp_path, capsys, monkeypatch):
+    # exit 2 (usage) in every command, whether the path names nothing or a folder; 3 is kept for a file that
+    # exists but does not open as a bundle.  In-process: the same main() a shell runs, without a fresh interpreter
+    from workbench.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cert.json").write_text(json.dumps({"schema": "x"}))
+    for where in (tmp_path / "nope.h5", tmp_path):
+        code = main([str(where) if a == "B" else str(tmp_path / "cert.json") if a == "CERT" else a for a in argv])
+        err = capsys.readouterr().err.strip()
+        assert code == 2, err
+        assert len(err.splitlines()) == 1 and err.startswith("error: ") and "bundle" in err and str(where) in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cert.json"]  # nothing written
+
+
+def test_write_errors_name_the_file_asked_for_not_its_temporary_name():
+    from workbench.cli import user_path
+
+    assert user_path("/d/.incident.h5.1a2b3c4d.tmp") == "/d/incident.h5"  # bundle writer, certificate JSON
+    assert user_path("/d/.cert.json.k_9xQ2ab.tmp") == "/d/cert.json"      # tempfile.mkstemp
+    assert user_path("/d/cf.h5.tmp12345") == "/d/cf.h5"                   # CF result writer
+    assert user_path("/d/plain.tmp") == "/d/plain.tmp" and user_path("notes.txt") == "notes.txt"
+    assert user_path(None) == ""
+
+
 def test_bad_record_inputs_are_one_line_each(model_dir, tmp_path):
     out = tmp_path / "x.h5"
     assert_one_line_error(forensics("record", "--model", model_dir, "--prompt", "hello", "--failure", "smells:bad",

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -91,6 +92,31 @@ def check_output(path: str | os.PathLike, what: str = "output", *, inputs: tuple
             raise CliError(f"{what} {path} is an input of this command; writing it would replace that file: "
                            "choose another path")
     return out
+
+
+def require_bundle(path: str) -> Path:
+    """A bundle argument that names no file is a usage error (exit 2), as in every command; one that exists but does
+    not open is the engine's BundleError (exit 3)."""
+    p = Path(path)
+    if p.is_dir():
+        raise CliError(f"bundle {path} is a folder; give the .h5 file")
+    if not p.is_file():
+        raise CliError(f"bundle not found: {path}")
+    return p
+
+
+#: the temporary names the engine writes to before renaming (engine/bundle/writer.py, engine/cf.py,
+#: engine/certificate.py): ``.NAME.XXXXXXXX.tmp`` and ``NAME.tmpPID``
+_TEMP_NAME = re.compile(r"^\.(?P<a>.+)\.[A-Za-z0-9_]{8}\.tmp$|^(?P<b>.+)\.tmp\d+$")
+
+
+def user_path(filename) -> str:
+    """The path to name in an error: the file the user asked for, not the temporary name it was being written to."""
+    if not filename:
+        return ""
+    p = Path(os.fsdecode(filename))
+    m = _TEMP_NAME.match(p.name)
+    return str(p.with_name(m.group("a") or m.group("b"))) if m else str(p)
 
 
 def positive_int(text: str) -> int:
@@ -183,6 +209,7 @@ def _record_notes(sets: dict, n_benign: int) -> list[str]:
 def cmd_replay(args) -> int:
     from engine.replay import replay
 
+    require_bundle(args.bundle)
     report = replay(args.bundle, model_source=args.model, progress=_progress(args.json))
     if args.json:
         print(json.dumps(report.to_dict(), sort_keys=True))
@@ -200,6 +227,7 @@ def cmd_intervene(args) -> int:
     from engine.interventions import InterventionSet, evaluate, summarize
     from engine.replay import load_bundle_model
 
+    require_bundle(args.bundle)
     text = _read_text(args.set_file, "intervention set")
     iset = InterventionSet.from_json(text, name="stdin" if args.set_file == "-" else Path(args.set_file).stem)
     with open_bundle(args.bundle) as bundle:
@@ -473,7 +501,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     except OSError as exc:
-        print(f"error: {exc.strerror or exc}: {getattr(exc, 'filename', '') or ''}".rstrip(": "), file=sys.stderr)
+        where = user_path(getattr(exc, "filename", None))
+        print(f"error: {exc.strerror or exc}" + (f": {where}" if where else ""), file=sys.stderr)
         return EXIT_ERROR
 
 

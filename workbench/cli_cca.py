@@ -84,7 +84,7 @@ def cmd_cca(args) -> int:
     from engine.bundle import open_bundle
     from engine.cca import not_measured, run_cca, torch_threads
     from engine.replay import load_bundle_model
-    from workbench.cli import CliError, _progress, check_output
+    from workbench.cli import CliError, _progress, check_output, require_bundle
 
     if args.beam < 1:
         raise CliError("--beam must be >= 1")
@@ -96,8 +96,7 @@ def cmd_cca(args) -> int:
         raise CliError("--threads must be >= 0")
     if args.cf and args.no_cf:
         raise CliError("--cf and --no-cf contradict each other: give one")
-    if not Path(args.bundle).is_file():
-        raise CliError(f"bundle not found: {args.bundle}")
+    require_bundle(args.bundle)
     if args.out:
         check_output(args.out, "--out", inputs=(args.bundle, args.cf))
     with open_bundle(args.bundle) as bundle:

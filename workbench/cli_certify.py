@@ -179,17 +179,14 @@ def cmd_certify(args) -> int:
                                     file_sha256, reproduction_commands)
     from engine.errors import CCAError, CertificateError, CFError
     from engine.replay import load_bundle_model, replay
-    from workbench.cli import CliError, _progress
+    from workbench.cli import CliError, _progress, require_bundle
 
     out = Path(args.out)
     if out.suffix.lower() != ".pdf":
         raise CliError(f"--out must name a .pdf file (CERT.json is written beside it), got {args.out}")
     if not out.parent.is_dir():
         raise CliError(f"output folder does not exist: {out.parent}")
-    if Path(args.bundle).is_dir():
-        raise CliError(f"bundle {args.bundle} is a directory, not an incident bundle (.h5)")
-    if not Path(args.bundle).is_file():
-        raise CliError(f"bundle not found: {args.bundle}")
+    require_bundle(args.bundle)
     if args.cf and args.no_cf:
         raise CliError("--cf and --no-cf contradict each other")
     opts = _cca_options(args)
@@ -368,15 +365,12 @@ def _render(doc: dict, pdf: Path, json_path: Path) -> None:
 
 def cmd_verify(args) -> int:
     from engine.certificate import read_certificate_json, significance_uncheckable, verify_certificate
-    from workbench.cli import CliError, _progress
+    from workbench.cli import CliError, _progress, require_bundle
 
     if args.controls is not None and args.controls < 0:
         raise CliError("--controls must be >= 0")
     doc = read_certificate_json(args.certificate)
-    if Path(args.bundle).is_dir():
-        raise CliError(f"bundle {args.bundle} is a directory, not an incident bundle (.h5)")
-    if not Path(args.bundle).is_file():
-        raise CliError(f"bundle not found: {args.bundle}")
+    require_bundle(args.bundle)
     n_cert = (doc.get("cca") or {}).get("n_controls") if isinstance(doc.get("cca"), dict) else None
     if args.controls is not None and isinstance(n_cert, int) and not isinstance(n_cert, bool):
         why = significance_uncheckable(args.controls, n_cert)

@@ -138,12 +138,11 @@ def _token(bundle, p: int) -> str:
 def cmd_cf(args) -> int:
     from engine.bundle import open_bundle
     from engine.cf import load_baseline, run_cf
-    from workbench.cli import CliError, _progress, check_output
+    from workbench.cli import CliError, _progress, check_output, require_bundle
 
     if args.top < 0:
         raise CliError("--top must be >= 0")
-    if not Path(args.bundle).is_file():
-        raise CliError(f"bundle not found: {args.bundle}")
+    require_bundle(args.bundle)
     if args.baseline and not Path(args.baseline).is_file():
         raise CliError(f"baseline file not found: {args.baseline}")
     if args.out:
@@ -234,7 +233,7 @@ def _summary_lines(summary: dict) -> list[str]:
 
 def cmd_baseline_build(args) -> int:
     from engine.cf import build_baseline, bundle_prompts, save_baseline
-    from workbench.cli import CliError, _progress, _read_lines, check_output
+    from workbench.cli import CliError, _progress, _read_lines, check_output, require_bundle
 
     out = check_output(args.out, "--out", inputs=(args.bundle, args.benign_file, args.heldout_file))
     if bool(args.bundle) == bool(args.model):
@@ -246,8 +245,7 @@ def cmd_baseline_build(args) -> int:
 
         if args.benign_file or args.heldout_file or args.task:
             raise CliError("--benign-file, --heldout-file and --task go with --model; a bundle brings its own")
-        if not Path(args.bundle).is_file():
-            raise CliError(f"bundle not found: {args.bundle}")
+        require_bundle(args.bundle)
         with open_bundle(args.bundle) as bundle:
             prompts, heldout = bundle_prompts(bundle)
             if not prompts:
