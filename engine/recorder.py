@@ -47,8 +47,15 @@ class RecordingCancelled(ForensicsError):
     """The recording was cancelled before the bundle was complete (nothing is written)."""
 
 
-def environment(handle: ModelHandle, threads: int | None = None) -> dict:
-    """Facts a replay needs to reproduce the computation bit for bit (``threads``: the pinned count recorded under)."""
+#: how the recorder lays out its forwards, by incident mode (``/environment`` attribute ``batch_layout``)
+BATCH_LAYOUTS = {"generate": "batch_size=1, no padding, full forward per generated token (no KV cache)",
+                 "prompt": "batch_size=1, no padding, one forward of the prompt",
+                 "classify": "batch_size=1, no padding, one forward of the input"}
+
+
+def environment(handle: ModelHandle, threads: int | None = None, mode: str = "generate") -> dict:
+    """Facts a replay needs to reproduce the computation bit for bit (``threads``: the pinned count recorded under;
+    ``mode``: the incident's mode, which decides the forward layout)."""
     import h5py
     import transformers
 
@@ -65,7 +72,7 @@ def environment(handle: ModelHandle, threads: int | None = None) -> dict:
         "threading": THREADING,
         "deterministic_algorithms": bool(torch.are_deterministic_algorithms_enabled()),
         "seed": SEED,
-        "batch_layout": "batch_size=1, no padding, full forward per generated token (no KV cache)",
+        "batch_layout": BATCH_LAYOUTS[mode],
         "batch_size": 1,
         "grad_enabled": False,
         "attn_implementation": str(getattr(handle.model.config, "_attn_implementation", "") or ""),
@@ -281,5 +288,5 @@ def record_incident(handle: ModelHandle, prompt: str, failure: str | FailureSpec
     if progress:
         progress(1, 1, "recorded")
     return Incident(model=model_info(handle, embed_weights), tokenizer=tokenizer_info(handle), run=run,
-                    failure=fail, environment=environment(handle, threads), benign=benign, prompts=sets,
+                    failure=fail, environment=environment(handle, threads, run.mode), benign=benign, prompts=sets,
                     scenario=scenario)

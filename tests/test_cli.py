@@ -68,6 +68,40 @@ def test_record_then_replay_is_bit_identical(recorded):
     assert text.returncode == 0 and "BIT-IDENTICAL" in text.stdout
 
 
+def test_info_summarises_the_bundle_from_the_file(recorded, tmp_path):
+    from engine.bundle import open_bundle
+
+    proc = forensics("info", recorded, "--json")
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(proc.stdout)
+    with open_bundle(recorded) as b:
+        assert s["incident"]["prompt"] == b.prompt == TINY_PROMPT
+        assert s["incident"]["output"] == b.continuation_text
+        assert s["incident"]["failure"] == {**s["incident"]["failure"], "spec": "contains:the",
+                                            "failing": bool(b.failing)}
+        assert s["model"]["weights_sha256"] == b.model_info["weights_sha256"]
+        assert s["recorded"]["values"] == b.n_layers * len(b.sites) * b.n_positions * b.model_info["d_model"]
+    assert s["prompt_sets"] == {"benign_reference": 2}
+    assert s["bytes"] == recorded.stat().st_size
+    assert s["environment"]["batch_layout"].endswith("full forward per generated token (no KV cache)")
+    text = forensics("info", recorded)
+    assert text.returncode == 0, text.stderr
+    assert f"prompt ({s['incident']['n_tokens']} tokens): {TINY_PROMPT!r}" in text.stdout
+    assert "2 benign reference prompts" in text.stdout and "contains:the" in text.stdout
+    bad = tmp_path / "bad.h5"
+    bad.write_text("not a bundle")
+    assert_one_line_error(forensics("info", bad), "bad.h5")
+
+
+def test_the_recorded_batch_layout_is_the_one_the_incident_ran(tiny_gpt2):
+    from engine.recorder import record_incident
+
+    one = record_incident(tiny_gpt2, TINY_PROMPT, "token:HACKED").environment["batch_layout"]
+    gen = record_incident(tiny_gpt2, TINY_PROMPT, "contains:HACKED", max_new_tokens=2).environment["batch_layout"]
+    assert one == "batch_size=1, no padding, one forward of the prompt"
+    assert "per generated token" in gen
+
+
 def test_replay_of_a_tampered_activation_exits_1_and_names_it(recorded, tmp_path):
     bad = tmp_path / "tampered.h5"
     bad.write_bytes(recorded.read_bytes())

@@ -15,6 +15,7 @@ Added since (the contract only grows)::
     forensics baseline build BUNDLE.h5 --out BASELINE.h5 | baseline info BASELINE.h5
     forensics verify-certificate CERT.json BUNDLE.h5 [--json]   # exit 0 verified, 1 a claim fails, 4 not all checkable
     forensics demo [--out DIR]
+    forensics info BUNDLE.h5 [--json]    # what a bundle holds, from the file alone
 
 ``--json`` prints one JSON object on stdout. Bad input exits non-zero with one line on stderr naming the problem.
 """
@@ -464,6 +465,10 @@ def build_parser() -> argparse.ArgumentParser:
             c.set_defaults(func=cmd_not_yet)
         else:
             mod.register(sub)
+
+    from workbench import cli_info
+
+    cli_info.register(sub)
 
     s = sub.add_parser("scenario", help="shipped failure scenarios: list | build NAME --out DIR",
                        description="List the shipped failure scenarios, or record one's primary incident (with its "
