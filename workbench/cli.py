@@ -413,7 +413,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="forensics", description="Model Forensics Workbench: root-cause analysis of model failures.")
+    p = _Parser(prog="forensics", description="Model Forensics Workbench: root-cause analysis of model failures.",
+                epilog="exit status: 0 the answer is yes (bit-identical, criteria met, certified, verified); 1 it "
+                       "is no; 2 usage error or missing input file; 3 an input that cannot be used (corrupt bundle, "
+                       "model that does not load); 4 verify-certificate could not check every claim; 130 "
+                       "interrupted. Each command's --help says more.")
     p.add_argument("--version", action="version", version="forensics 0.1.0")
     sub = p.add_subparsers(dest="command", parser_class=_Parser, required=True)
 
