@@ -33,7 +33,9 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     den = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / den
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # the interval always contains p; clamp to it so that rounding cannot put 0/n's lower bound at 5.6e-17 or
+    # n/n's upper bound at 0.9999999999999999 (the rate outside its own interval)
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
 def empirical_p_value(observed: float, controls: Sequence[float], greater: bool = True) -> float:

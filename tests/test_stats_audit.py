@@ -1,0 +1,39 @@
+"""Audit of engine/stats.py against independent references (scipy), edge cases included."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import binomtest, false_discovery_control
+
+from engine import stats
+
+
+def test_wilson_interval_matches_scipy_and_contains_the_rate_at_the_extremes():
+    # 0/n must give a lower bound of exactly 0 and n/n an upper bound of exactly 1 (the formula's centre - half
+    # and centre + half round to 5.6e-17 / 0.9999999999999999 for many n), so the rate lies inside its interval
+    for n in range(1, 41):
+        for k in range(n + 1):
+            lo, hi = stats.wilson_interval(k, n)
+            ci = binomtest(k, n).proportion_ci(0.95, method="wilson")
+            assert lo == pytest.approx(ci.low, abs=1e-12) and hi == pytest.approx(ci.high, abs=1e-12), (k, n)
+            assert lo <= k / n <= hi, (k, n, lo, hi)
+    for n in range(1, 1000):
+        assert stats.wilson_interval(0, n)[0] == 0.0, n
+        assert stats.wilson_interval(n, n)[1] == 1.0, n
+
+
+def test_bh_adjust_matches_scipy_and_keeps_the_keys():
+    rng = np.random.default_rng(1)
+    p = rng.uniform(0, 0.2, size=7)
+    names = [f"c{i}" for i in range(7)]
+    q = stats.bh_adjust(dict(zip(names, p)))
+    want = false_discovery_control(p, method="bh")
+    assert list(q) == names
+    for k, w in zip(names, want):
+        assert q[k] == pytest.approx(w, rel=1e-12)
+
+
+def test_empirical_p_value_counts_ties_as_at_least_as_extreme():
+    assert stats.empirical_p_value(0.5, [0.5, 0.4, 0.6, 0.1]) == pytest.approx(3 / 5)
+    assert stats.empirical_p_value(0.5, [0.5, 0.4, 0.6, 0.1], greater=False) == pytest.approx(4 / 5)
