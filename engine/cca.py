@@ -2134,12 +2134,14 @@ def _fdr(res: CCAResult) -> None:
     if math.isfinite(res.p_value):
         ps["flip_rate_vs_controls"] = res.p_value
     cev = res.evidence.get("controls") or {}
-    # the controls' per-prompt flip rate, smoothed, from the first block (every control ran it)
-    c_rate = (1 + cev.get("first_block_flips", 0)) / (1 + cev.get("first_block_rows", 0)) if cev else 0.05
-    if res.n_variants:
+    # the controls' per-prompt flip rate, smoothed, from the first block (every control ran it); with no control
+    # prompt run there is no measured rate, and the two claims against it are not made (no assumed rate stands in)
+    c_rows = int(cev.get("first_block_rows") or 0)
+    c_rate = (1 + int(cev.get("first_block_flips") or 0)) / (1 + c_rows) if c_rows else None
+    if res.n_variants and c_rate is not None:
         k = round(res.flip_rate * res.n_variants)
         ps["variant_flip_rate_above_control_rate"] = stats.binomial_p_value(k, res.n_variants, c_rate, "greater")
-    if res.n_sufficiency:
+    if res.n_sufficiency and c_rate is not None:
         k = round(res.sufficiency_rate * res.n_sufficiency)
         ps["sufficiency_above_control_rate"] = stats.binomial_p_value(k, res.n_sufficiency, c_rate, "greater")
     if res.n_benign:

@@ -321,7 +321,8 @@ def render(bm: dict, res: dict, res_units: dict, sc: dict) -> str:
       "(`evidence.controls.prompts_run`) |")
     w("| `fdr`, `evidence.claim_p_values` | Benjamini–Hochberg q-values (`scipy.stats.false_discovery_control`) over "
       "every claim: flip rate vs controls, variant flip rate and sufficiency above the controls' per-prompt flip rate "
-      "(binomial), side effects below 5% (binomial) |")
+      "(binomial; made only when control prompts were run, so that the rate is measured), side effects below 5% "
+      "(binomial) |")
     w("| `forward_passes`, `rows`, `seconds`, `evidence.passes_by_stage` | batched forward calls, sequences run "
       "(a batch row of a forward or of one generation step), wall time; per stage |")
     w("| `ranking` | method, candidate count, screening rounds, the selection table, Spearman of attribution vs "

@@ -37,3 +37,32 @@ def test_bh_adjust_matches_scipy_and_keeps_the_keys():
 def test_empirical_p_value_counts_ties_as_at_least_as_extreme():
     assert stats.empirical_p_value(0.5, [0.5, 0.4, 0.6, 0.1]) == pytest.approx(3 / 5)
     assert stats.empirical_p_value(0.5, [0.5, 0.4, 0.6, 0.1], greater=False) == pytest.approx(4 / 5)
+
+
+def _result(controls: dict | None, n_controls: int, p_value: float):
+    from engine.cca import CCAResult
+
+    return CCAResult(fix_set=[], flipped=True, baseline_metric=1.0, fixed_metric=-1.0, flip_rate=0.9,
+                     flip_rate_ci=stats.wilson_interval(36, 40), n_variants=40, sufficiency_rate=1.0,
+                     side_effect_rate=0.0, side_effect_kl=0.0, side_effects=[], n_benign=96,
+                     fraction_of_activations=0.01, one_minimal=True, p_value=p_value, control_flip_rates=[],
+                     n_controls=n_controls, fdr={}, criteria={}, forward_passes=1, seconds=0.0, partial=False,
+                     trace=[], ranking={}, n_sufficiency=40, evidence={"controls": controls} if controls else {})
+
+
+def test_claims_against_the_control_rate_need_a_measured_control_rate():
+    # no control set run (--controls 0), or controls that ran no prompt: there is no measured per-prompt control
+    # flip rate, so no claim is tested against one (an assumed 5% stood in before)
+    from engine.cca import _fdr
+
+    for res in (_result(None, 0, float("nan")), _result({"first_block_flips": 0, "first_block_rows": 0}, 200, 1.0)):
+        _fdr(res)
+        assert not any("control_rate" in k for k in res.fdr), res.fdr
+        assert "side_effects_below_5pct" in res.fdr
+    measured = _result({"first_block_flips": 3, "first_block_rows": 200}, 200, 1 / 201)
+    _fdr(measured)
+    rate = 4 / 201
+    want = binomtest(36, 40, rate, alternative="greater").pvalue
+    assert measured.evidence["claim_p_values"]["variant_flip_rate_above_control_rate"] == pytest.approx(want)
+    assert set(measured.fdr) == {"flip_rate_vs_controls", "variant_flip_rate_above_control_rate",
+                                 "sufficiency_above_control_rate", "side_effects_below_5pct"}
