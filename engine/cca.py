@@ -2015,8 +2015,8 @@ def _side_effect_evidence(bundle, handle, inc: _Incident, fix, budget, res: CCAR
                                     "n_differs_from_expected": sum(
                                         1 for r in rows if r["expected"] is not None and
                                         r["got"].strip() != str(r["expected"]).strip()),
-                                    "kl": "KL(baseline || intervened) of the next-token / label distribution at "
-                                          "the decision position, nats"}
+                                    "kl": "KL(baseline || intervened) of the label distribution, or of the next-"
+                                          "token distribution after the prompt (the first generated token), nats"}
 
 
 def control_sets(fix: Sequence[Intervention], n_layers: int, n_prompt: int, n: int, seed: int,

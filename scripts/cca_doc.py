@@ -305,8 +305,9 @@ def render(bm: dict, res: dict, res_units: dict, sc: dict) -> str:
       "behave unintervened) that fail once the failing prompt's activations at the set's sites are written into "
       "them |")
     w("| `side_effect_rate`, `side_effect_kl`, `side_effects` | share of held-out benign prompts whose output "
-      "(greedy continuation / label) changes under the set; mean KL(baseline ‖ intervened) of the next-token / label "
-      "distribution; per-prompt rows |")
+      "(greedy continuation / label) changes under the set; mean KL(baseline ‖ intervened) of the label distribution, or "
+      "of the next-token distribution after the prompt (the first generated token; later tokens are compared by "
+      "the output); per-prompt rows |")
     w("| `fraction_of_activations` | activation values the set touches / (blocks × recorded sites × recorded "
       "positions × d_model) |")
     w("| `one_minimal` | the set fixes and dropping any one element un-fixes it |")
