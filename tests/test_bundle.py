@@ -242,6 +242,47 @@ def test_write_is_atomic_under_sigkill(tmp_path, gpt2_bundle, existing):
     assert all(p.name.startswith(".incident.h5.") for p in tmp_path.iterdir() if p.name != "incident.h5")
 
 
+@pytest.mark.parametrize("exc", [RuntimeError("disk on fire"), KeyboardInterrupt()], ids=["exception", "ctrl-c"])
+@pytest.mark.parametrize("existing", [False, True], ids=["new", "overwrite"])
+def test_write_interrupted_mid_write_leaves_nothing(tmp_path, gpt2_bundle, tiny_gpt2, monkeypatch, exc, existing):
+    """An exception (or Ctrl-C) half way through the activations: it propagates unchanged, no temporary file is
+    left, and the final name holds nothing new (absent, or the previous bundle untouched)."""
+    target = tmp_path / "incident.h5"
+    old = None
+    if existing:
+        shutil.copyfile(gpt2_bundle, target)
+        old = target.read_bytes()
+    inc = record_incident(tiny_gpt2, TINY_PROMPT, "contains:HACKED", max_new_tokens=4, embed_weights=True)
+    orig = h5py.Group.create_dataset
+    seen = []
+
+    def failing(self, name, *args, **kwargs):
+        if self.name.startswith("/activations/layer_001"):
+            seen.append(list(tmp_path.glob(".incident.h5.*.tmp")))
+            raise exc
+        return orig(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", failing)
+    with pytest.raises(type(exc)):
+        write_bundle(target, inc)
+    assert seen and len(seen[0]) == 1  # it really failed mid-write, with the temporary file open
+    assert not list(tmp_path.glob(".*.tmp"))
+    if existing:
+        assert target.read_bytes() == old
+    else:
+        assert not target.exists()
+
+
+def test_write_failure_is_a_bundle_error(tmp_path, tiny_gpt2):
+    """An OS error at the rename (the target is a folder) is a named BundleError, and the temporary file goes."""
+    target = tmp_path / "incident.h5"
+    target.mkdir()
+    inc = record_incident(tiny_gpt2, TINY_PROMPT, "token:HACKED")
+    with pytest.raises(BundleError, match="cannot write bundle .*incident.h5"):
+        write_bundle(target, inc)
+    assert target.is_dir() and not list(tmp_path.glob(".*.tmp"))
+
+
 def test_write_into_missing_folder_raises(tmp_path, tiny_gpt2):
     inc = record_incident(tiny_gpt2, TINY_PROMPT, "token:HACKED")
     with pytest.raises(BundleError, match="folder does not exist"):

@@ -419,3 +419,133 @@ def test_pickle_payload_as_weights_and_tokenizer_is_never_unpickled(tmp_path):
             with pytest.raises(BundleError):
                 replay(path)
         assert not SENTINEL.exists()
+
+
+# ----- values the schema constrains beyond dtype and rank ------------------------------------------------------
+_BAD_UTF8 = np.bytes_(b"\xff\xfe not utf-8")
+
+
+def _set_attr(path, name, value):
+    return lambda f: f[path].attrs.__setitem__(name, value)
+
+
+def _tail_ids(f):  # continuation_ids that disagree with the input_ids after the prompt
+    ds = f["/output/continuation_ids"]
+    ds[...] = ds[()] + 1
+
+
+def _benign_stat(name, data):
+    return lambda f: _replace(f, f"/benign/stats/layer_000/{name}", data)
+
+
+_INCONSISTENT = {
+    # replay pins this thread count: 10**9 aborted the process (libgomp out of memory), 0 / -1 / an array were
+    # tracebacks from torch.set_num_threads / int()
+    "threads 10**9": (_set_attr("/environment", "torch_num_threads", np.int64(10**9)), "torch_num_threads"),
+    "threads 0": (_set_attr("/environment", "torch_num_threads", np.int64(0)), "torch_num_threads"),
+    "threads -1": (_set_attr("/environment", "torch_num_threads", np.int64(-1)), "torch_num_threads"),
+    "threads array": (_set_attr("/environment", "torch_num_threads", np.array([2, 2])), "torch_num_threads"),
+    "threads text": (_set_attr("/environment", "torch_num_threads", "two"), "torch_num_threads"),
+    "threads bool": (_set_attr("/environment", "torch_num_threads", True), "torch_num_threads"),
+    "config list": (_set_attr("/model", "config_json", "[1, 2]"), "config_json must be a JSON object"),
+    "attn unknown": (_set_attr("/model", "attn_implementation", "magic"), "attn_implementation"),
+    "attn bad utf-8": (_set_attr("/model", "attn_implementation", _BAD_UTF8), "attn_implementation.*UTF-8"),
+    "spec bad utf-8": (_set_attr("/failure", "spec", _BAD_UTF8), "'spec' is not valid UTF-8"),
+    "scenario bad utf-8": (_set_attr("/", "scenario", _BAD_UTF8), "'scenario' is not valid UTF-8"),
+    "prompt bad utf-8": (lambda f: _replace(f, "/input/prompt", _BAD_UTF8, dtype=h5py.string_dtype("ascii")),
+                         "/input/prompt is not valid UTF-8"),
+    "id beyond vocab": (lambda f: f["/input/input_ids"].__setitem__(0, 10**6), "outside the model's vocabulary"),
+    "continuation not input tail": (_tail_ids, "continuation_ids must be the input_ids after the prompt"),
+    "max_new_tokens < continuation": (_set_attr("/failure", "max_new_tokens", np.int64(-1)), "max_new_tokens"),
+    "sites duplicated": (_set_attr("/activations", "sites", np.array(["mlp", "mlp"], dtype=h5py.string_dtype())),
+                         "distinct and in the order"),
+    "sites reordered": (_set_attr("/activations", "sites", np.array(["mlp", "attn"], dtype=h5py.string_dtype())),
+                        "distinct and in the order"),
+    "weights uint16": (lambda f: _replace(f, "/model/weights", np.arange(8, dtype=np.uint16)), "expected uint8"),
+    "tokenizer file uint32": (lambda f: _replace(f, "/tokenizer/files/tokenizer.json", np.arange(8, dtype=np.uint32)),
+                              "expected uint8"),
+    "benign mean shape": (_benign_stat("mlp_mean", np.zeros(7)), "mlp_mean has shape"),
+    "benign mean empty": (_benign_stat("attn_mean", np.zeros(0)), "attn_mean has shape"),
+    "benign mean text": (_benign_stat("mlp_mean", "x"), "mlp_mean must hold|mlp_mean has dtype"),
+    "benign head shape": (_benign_stat("head_mean", np.zeros((3, 3))), "head_mean has shape"),
+    "benign pos_mean rows": (_benign_stat("neuron_pos_mean", np.zeros((1, 64))), "neuron_pos_mean has shape"),
+    "benign pos_counts negative": (lambda f: f["/benign/pos_counts"].__setitem__(0, -1), "negative counts"),
+    "benign pos_counts 2-D": (lambda f: _replace(f, "/benign/pos_counts", np.ones((2, 2), dtype=np.int64)),
+                              "pos_counts has 2 dimensions"),
+    "benign failing length": (lambda f: _replace(f, "/benign/failing", np.ones(9, dtype=bool)), "failing has shape"),
+}
+
+
+@pytest.mark.parametrize("case", list(_INCONSISTENT))
+def test_inconsistent_values_are_named(case):
+    edit, match = _INCONSISTENT[case]
+    err = _check(_mutant(edit), must_fail=True, why=case)
+    assert "\n" not in str(err)
+    assert __import__("re").search(match, str(err)), (case, str(err))
+
+
+def test_bytes_string_attributes_are_read_as_text():
+    """Fixed-length (bytes) string attributes, as other HDF5 writers make them, read as the same text."""
+    text_attrs = [(p, n) for p, n in ATTRS if ATTR_CATEGORY[(p, n)] == "str"]
+
+    def edit(f):
+        f.attrs["scenario"] = "sc\u00e9nario"
+        for p, n in sorted(set(text_attrs) | {("/", "scenario")}):
+            f[p].attrs[n] = np.bytes_(str(f[p].attrs[n]).encode("utf-8"))
+
+    path = _mutant(edit)
+    with h5py.File(path, "r") as f:
+        assert isinstance(f.attrs["scenario"], bytes)
+    with open_bundle(path) as b:
+        assert b.scenario == "sc\u00e9nario"  # was "b'sc\\xc3\\xa9nario'"
+        with h5py.File(BASE, "r") as f:
+            assert b.failure_spec == f["failure"].attrs["spec"]
+            assert b.model_info["config_json"] == f["model"].attrs["config_json"]
+            assert b.mode == f["input"].attrs["mode"]
+
+
+# ----- the CLI: one line on stderr, a non-zero exit, no traceback ---------------------------------------------
+def _truncate(frac):
+    def edit(path):
+        with open(path, "r+b") as fh:
+            fh.truncate(int(path.stat().st_size * frac))
+    return edit
+
+
+_CLI_CASES = {
+    "truncated": (None, _truncate(0.5)),
+    "group deleted": (lambda f: f.__delitem__("/output"), None),
+    "layer deleted": (lambda f: f.__delitem__("/activations/layer_001"), None),
+    "wrong dtype": (lambda f: _replace(f, "/input/input_ids", np.ones(3, dtype=np.float32)), None),
+    "wrong shape": (lambda f: _replace(f, "/activations/layer_000/attn", np.ones((2, 2), dtype=np.float32)), None),
+    "future version": (_set_attr("/", "schema_version", np.int64(2)), None),
+    "bytes attribute not utf-8": (_set_attr("/model", "attn_implementation", _BAD_UTF8), None),
+    "zero-length input": (lambda f: _replace(f, "/input/input_ids", np.zeros(0, dtype=np.int64)), None),
+    "zero-length weights": (lambda f: _replace(f, "/model/weights", np.zeros(0, dtype=np.uint8)), None),
+    "zero-length logits": (lambda f: _replace(f, "/output/logits", np.zeros((0, 4), dtype=np.float32)), None),
+    "thread count": (_set_attr("/environment", "torch_num_threads", np.int64(10**9)), None),
+    "config list": (_set_attr("/model", "config_json", "[1, 2]"), None),
+    "id beyond vocab": (lambda f: f["/input/input_ids"].__setitem__(0, 10**6), None),
+}
+
+
+@pytest.mark.parametrize("command", ["replay", "cf"])
+@pytest.mark.parametrize("case", list(_CLI_CASES))
+def test_cli_names_a_broken_bundle_in_one_line(case, command, tmp_path, capsys):
+    from workbench.cli import main
+
+    edit, file_edit = _CLI_CASES[case]
+    path = tmp_path / "broken.h5"
+    shutil.copyfile(BASE, path)
+    if edit is not None:
+        with h5py.File(path, "r+") as f:
+            edit(f)
+    if file_edit is not None:
+        file_edit(path)
+    capsys.readouterr()
+    with _alarm(60):
+        rc = main([command, str(path)])  # an exception other than the CLI's own would escape here
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc not in (0, 1), (case, command, rc)  # 1 is replay's "differs"
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
+    assert not SENTINEL.exists()

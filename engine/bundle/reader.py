@@ -14,8 +14,8 @@ import h5py
 import numpy as np
 
 from ..errors import BundleContentError, BundleError, BundleFormatError, BundleVersionError
-from .schema import (ACTIVATION_SITES, FORMAT_NAME, PROMPT_SETS, RECORD_MODES, SUPPORTED_VERSIONS,
-                     layer_group)
+from .schema import (ACTIVATION_SITES, ATTN_IMPLEMENTATIONS, FORMAT_NAME, MAX_THREADS, PROMPT_SETS, RECORD_MODES,
+                     STAT_SITES, SUPPORTED_VERSIONS, layer_group)
 
 _INT_KINDS = "iu"
 _FLOAT_KINDS = "f"
@@ -72,7 +72,7 @@ class IncidentBundle:
             raise BundleContentError(f"{where}: missing attribute {name!r}")
         value = obj.attrs[name]
         if isinstance(value, bytes):
-            value = value.decode("utf-8", "replace")
+            value = _utf8(value, f"{where}: attribute {name!r}")
         if isinstance(value, np.generic):
             value = value.item()
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -111,11 +111,11 @@ class IncidentBundle:
     def _read_text(self, group, name, where) -> str:
         ds = self._dataset(group, name, "str", 0, where)
         v = ds[()]
-        return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+        return _utf8(v, f"{where}/{name}") if isinstance(v, bytes) else str(v)
 
     def _read_texts(self, group, name, where) -> list[str]:
         ds = self._dataset(group, name, "str", 1, where)
-        return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in ds[()]]
+        return [_utf8(v, f"{where}/{name}") if isinstance(v, bytes) else str(v) for v in ds[()]]
 
     def _finite(self, arr: np.ndarray, where: str) -> np.ndarray:
         if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
@@ -126,7 +126,7 @@ class IncidentBundle:
         f = self._f
         fmt = f.attrs.get("format")
         if isinstance(fmt, bytes):
-            fmt = fmt.decode("utf-8", "replace")
+            fmt = fmt.decode("utf-8", "replace")  # only compared with FORMAT_NAME; a bad byte cannot match
         if fmt != FORMAT_NAME:
             raise BundleFormatError(f"{self.path.name} is HDF5 but not an incident bundle (format={fmt!r})")
         version = f.attrs.get("schema_version")
@@ -139,9 +139,7 @@ class IncidentBundle:
         self.uuid = self._attr(f, "uuid", str, "/")
         self.created = self._attr(f, "created", str, "/")
         self.program = self._attr(f, "program", str, "/")
-        self.scenario = str(f.attrs.get("scenario", "") or "")
-        if isinstance(self.scenario, bytes):
-            self.scenario = self.scenario.decode()
+        self.scenario = self._attr(f, "scenario", str, "/") if "scenario" in f.attrs else ""
 
         m = self._group("model")
         self.model_info = {k: self._attr(m, k, str, "/model") for k in (
@@ -153,9 +151,14 @@ class IncidentBundle:
                 raise BundleContentError(f"/model: attribute {k!r} must be positive, is {v}")
             self.model_info[k] = v
         try:
-            json.loads(self.model_info["config_json"])
+            config = json.loads(self.model_info["config_json"])
         except ValueError:
             raise BundleContentError("/model: config_json is not valid JSON") from None
+        if not isinstance(config, dict):
+            raise BundleContentError(f"/model: config_json must be a JSON object, is a {type(config).__name__}")
+        if self.model_info["attn_implementation"] not in ATTN_IMPLEMENTATIONS:
+            raise BundleContentError(f"/model: unknown attn_implementation {self.model_info['attn_implementation']!r} "
+                                     f"(expected one of {', '.join(map(repr, ATTN_IMPLEMENTATIONS))})")
         self.id2label = None
         if "id2label_json" in m.attrs:
             try:
@@ -165,7 +168,7 @@ class IncidentBundle:
                 raise BundleContentError("/model: id2label_json is not a JSON object of labels") from None
         self.has_embedded_weights = "weights" in m
         if self.has_embedded_weights:
-            self._dataset(m, "weights", "u", 1, "/model")
+            self._bytes_dataset(m, "weights", "/model")
 
         t = self._group("tokenizer")
         self.tokenizer_sha256 = self._attr(t, "sha256", str, "/tokenizer")
@@ -175,7 +178,7 @@ class IncidentBundle:
             raise BundleContentError("/tokenizer/files must be a group")
         self.tokenizer_files = sorted(files) if files is not None else []
         for name in self.tokenizer_files:
-            self._dataset(files, name, "u", 1, "/tokenizer/files")
+            self._bytes_dataset(files, name, "/tokenizer/files")
 
         g = self._group("input")
         self.prompt = self._read_text(g, "prompt", "/input")
@@ -194,6 +197,10 @@ class IncidentBundle:
             raise BundleContentError(f"/input/tokens has {len(self.tokens)} entries; expected {n}")
         if self.input_ids.min() < 0:
             raise BundleContentError("/input/input_ids holds negative token ids")
+        vocab = config.get("vocab_size")
+        if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0 and self.input_ids.max() >= vocab:
+            raise BundleContentError(f"/input/input_ids holds token id {int(self.input_ids.max())}, outside the "
+                                     f"model's vocabulary (vocab_size {vocab} in /model config_json)")
         self.n_prompt_tokens = self._attr(g, "n_prompt_tokens", int, "/input")
         if not 0 < self.n_prompt_tokens <= n:
             raise BundleContentError(f"/input: n_prompt_tokens={self.n_prompt_tokens} outside 1..{n}")
@@ -210,6 +217,15 @@ class IncidentBundle:
                                              self.decision_positions.max() >= n):
             raise BundleContentError("/output/decision_positions point outside the input")
         self.continuation_ids = self._dataset(o, "continuation_ids", _INT_KINDS, 1, "/output")[()]
+        k = self.continuation_ids.shape[0]
+        if self.mode == "generate":
+            if self.n_prompt_tokens + k != n or not np.array_equal(self.continuation_ids,
+                                                                   self.input_ids[self.n_prompt_tokens:]):
+                raise BundleContentError("/output/continuation_ids must be the input_ids after the prompt "
+                                         f"(generate mode: {k} ids, {n - self.n_prompt_tokens} input ids after "
+                                         "the prompt)")
+        elif k:
+            raise BundleContentError(f"/output/continuation_ids must be empty in {self.mode} mode, has {k} ids")
         self.continuation_text = self._read_text(o, "continuation_text", "/output")
         self.label = self._attr(o, "label", str, "/output") or None
 
@@ -219,6 +235,9 @@ class IncidentBundle:
         self.failure_metric = self._attr(fg, "metric", float, "/failure")
         self.expected = self._attr(fg, "expected", str, "/failure")
         self.max_new_tokens = self._attr(fg, "max_new_tokens", int, "/failure")
+        if not k <= self.max_new_tokens:
+            raise BundleContentError(f"/failure: max_new_tokens={self.max_new_tokens} is less than the "
+                                     f"{k} recorded continuation ids")
         self.target_start = self._attr(fg, "target_start", int, "/failure")
         self.target_length = self._attr(fg, "target_length", int, "/failure")
         self.target_index = self._attr(fg, "target_index", int, "/failure")
@@ -243,6 +262,9 @@ class IncidentBundle:
             raise BundleContentError("/activations: attribute 'sites' must be an array of strings") from None
         if not set(self.sites) <= set(ACTIVATION_SITES):
             raise BundleContentError(f"/activations: unknown sites {sorted(set(self.sites) - set(ACTIVATION_SITES))}")
+        if list(self.sites) != [s for s in ACTIVATION_SITES if s in self.sites]:
+            raise BundleContentError(f"/activations: sites {list(self.sites)} must be distinct and in the order "
+                                     f"{', '.join(ACTIVATION_SITES)}")
         self._activations = a
         d = self.model_info["d_model"]
         for i in range(self.n_layers):
@@ -273,6 +295,7 @@ class IncidentBundle:
             if len(self.benign_outputs) != len(self.benign_prompts):
                 raise BundleContentError("/benign: prompts and outputs differ in length")
             self._benign = bg
+            self._validate_benign(bg, len(self.benign_prompts))
 
         e = self._group("environment")
         self.environment = {}
@@ -282,6 +305,58 @@ class IncidentBundle:
             if isinstance(v, bytes):
                 v = v.decode("utf-8", "replace")
             self.environment[k] = v.tolist() if isinstance(v, np.ndarray) else v
+        if "torch_num_threads" in e.attrs:
+            t = self._attr(e, "torch_num_threads", int, "/environment")
+            if not 1 <= t <= MAX_THREADS:
+                raise BundleContentError(f"/environment: torch_num_threads={t} outside 1..{MAX_THREADS}")
+            self.environment["torch_num_threads"] = t
+
+    def _bytes_dataset(self, group: h5py.Group, name: str, where: str) -> h5py.Dataset:
+        """A 1-D uint8 dataset holding a file's raw bytes (embedded weights, tokenizer files)."""
+        ds = self._dataset(group, name, "u", 1, where)
+        if ds.dtype.itemsize != 1:
+            raise BundleContentError(f"{where}/{name} has dtype {ds.dtype}; expected uint8 (raw bytes)")
+        return ds
+
+    def _validate_benign(self, bg: h5py.Group, r: int) -> None:
+        """Metadata of the optional benign items (kinds and shapes; values are checked when read)."""
+        if "failing" in bg:
+            ds = self._dataset(bg, "failing", "b", 1, "/benign")
+            if ds.shape != (r,):
+                raise BundleContentError(f"/benign/failing has shape {ds.shape}; expected ({r},)")
+        n_pos = None
+        if "pos_counts" in bg:
+            ds = self._dataset(bg, "pos_counts", _INT_KINDS, 1, "/benign")
+            n_pos = ds.shape[0]
+            if n_pos and ds[()].min() < 0:
+                raise BundleContentError("/benign/pos_counts holds negative counts")
+        stats = bg.get("stats")
+        if stats is None:
+            return
+        if not isinstance(stats, h5py.Group):
+            raise BundleContentError("/benign/stats must be a group")
+        mi = self.model_info
+        shapes = {s: (mi["d_model"],) for s in ACTIVATION_SITES}
+        shapes.update(head=(mi["n_heads"], mi["d_head"]), neuron=(mi["d_mlp"],))
+        for i in range(self.n_layers):
+            grp = stats.get(layer_group(i))
+            if grp is None:
+                continue
+            where = f"/benign/stats/{layer_group(i)}"
+            if not isinstance(grp, h5py.Group):
+                raise BundleContentError(f"{where} must be a group")
+            for site in STAT_SITES:
+                for name, per_pos in ((f"{site}_mean", False), (f"{site}_pos_mean", True)):
+                    if name not in grp:
+                        continue
+                    want = shapes[site]
+                    ds = self._dataset(grp, name, _FLOAT_KINDS, len(want) + per_pos, where)
+                    if per_pos and (n_pos is None or ds.shape != (n_pos, *want)):
+                        raise BundleContentError(f"{where}/{name} has shape {ds.shape}; expected "
+                                                 f"{('P', *want) if n_pos is None else (n_pos, *want)} "
+                                                 "(P = length of /benign/pos_counts)")
+                    if not per_pos and ds.shape != want:
+                        raise BundleContentError(f"{where}/{name} has shape {ds.shape}; expected {want}")
 
     # ----- data access ------------------------------------------------------------------------------------------
     @property
@@ -344,6 +419,13 @@ class IncidentBundle:
                     self.weights_bytes()
                 except Exception as exc:
                     raise BundleContentError(f"/model/weights unreadable: {_short(exc)}") from None
+
+
+def _utf8(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BundleContentError(f"{where} is not valid UTF-8") from None
 
 
 def _short(exc: BaseException) -> str:

@@ -7,6 +7,10 @@ SUPPORTED_VERSIONS = (1,)
 ACTIVATION_SITES = ("resid_pre", "attn", "mlp", "resid_post")
 STAT_SITES = ("resid_pre", "attn", "mlp", "resid_post", "head", "neuron")
 RECORD_MODES = ("prompt", "generate", "classify")
+#: ``/model@attn_implementation`` values a replay can load (``""``: the model's default)
+ATTN_IMPLEMENTATIONS = ("", "eager", "sdpa")
+#: upper bound on ``/environment@torch_num_threads`` (a larger count is a corrupt bundle, not a recording)
+MAX_THREADS = 4096
 PROMPT_SETS = ("counterpart", "variants", "variant_counterparts", "benign_reference", "benign_heldout",
                "benign_expected")
 

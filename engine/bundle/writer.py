@@ -125,8 +125,12 @@ def _enc(obj: h5py.HLObject, kind: str) -> None:
 def write_bundle(path: str | os.PathLike, incident: Incident) -> Path:
     """Write ``incident`` to ``path`` atomically (temporary file in the same folder, then ``os.replace``).
 
+    On any exception (``KeyboardInterrupt`` included) the temporary file is deleted and a file already under
+    ``path`` is left untouched.
+
     Raises:
-        BundleError: the target folder does not exist or is not writable.
+        BundleError: the target folder does not exist, or the file cannot be created, written or renamed there
+            (not writable, disk full, ``path`` is a folder).
     """
     path = Path(path)
     if not path.parent.exists():
@@ -136,6 +140,9 @@ def write_bundle(path: str | os.PathLike, incident: Incident) -> Path:
         with h5py.File(tmp, "w", libver="latest") as f:
             _write(f, incident)
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise BundleError(f"cannot write bundle {path}: {exc.strerror or str(exc).splitlines()[0][:200]}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
