@@ -102,6 +102,27 @@ def test_the_recorded_batch_layout_is_the_one_the_incident_ran(tiny_gpt2):
     assert "per generated token" in gen
 
 
+def test_cca_without_enough_benign_runs_for_cf_searches_without_the_prior(model_dir, tiny_gpt2, tmp_path):
+    # an incident with 2 benign runs, too few for a CF baseline: cca says so and searches anyway
+    import torch
+
+    with torch.no_grad():
+        ids = tiny_gpt2.tokenizer(TINY_PROMPT, return_tensors="pt").input_ids
+        nxt = tiny_gpt2.tokenizer.decode(tiny_gpt2.model(ids).logits[0, -1].argmax())
+    benign = tmp_path / "benign.txt"
+    benign.write_text("the cat sat on the mat\nUser: hello . Assistant:\n", encoding="utf-8")
+    inc = tmp_path / "few.h5"
+    rec = forensics("record", "--model", model_dir, "--prompt", TINY_PROMPT, "--failure", f"token:{nxt}",
+                    "--benign-file", benign, "--out", inc)
+    assert rec.returncode == 0, rec.stderr
+    proc = forensics("cca", inc, "--controls", "0", "--max-size", "1", "--json")
+    assert proc.returncode in (0, 1), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "Compression Forensics is not available" in proc.stderr and "2" in proc.stderr
+    d = json.loads(proc.stdout)
+    assert d["ranking"]["cf"].startswith("unavailable") and d["forward_passes"] > 0
+
+
 def test_replay_of_a_tampered_activation_exits_1_and_names_it(recorded, tmp_path):
     bad = tmp_path / "tampered.h5"
     bad.write_bytes(recorded.read_bytes())

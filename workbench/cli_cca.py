@@ -73,7 +73,12 @@ def _load_cf(args, bundle, handle):
             raise CliError(f"--cf {args.cf} is the CF result of another incident (bundle {cf.bundle_uuid}, not "
                            f"{bundle.uuid}): run forensics cf on this bundle")
         return cf, f"from {args.cf}"
-    return cfmod.run_cf(bundle, handle), "computed (engine.cf.run_cf)"
+    try:
+        return cfmod.run_cf(bundle, handle), "computed (engine.cf.run_cf)"
+    except cfmod.CFError as exc:  # e.g. too few benign reference runs for a baseline: search without the prior
+        print(f"note: Compression Forensics is not available for this bundle ({exc}); CCA orders positions by the "
+              "attribution estimate alone", file=sys.stderr)
+        return None, f"unavailable ({exc})"
 
 
 def _pct(x) -> str:
@@ -128,7 +133,7 @@ def cmd_cca(args) -> int:
               f"{res.fixed_metric:.3f} (logit margin of the failing outcome; > 0 = fails)")
         for e in res.fix_set:
             print(f"    {e.intervention.describe():32s} alone {e.single_metric:9.3f}   without it {e.drop_one_metric:9.3f}"
-                  f" ({'necessary' if e.drop_one_failing else 'not necessary'})")
+                  + (f" ({'necessary' if e.drop_one_failing else 'not necessary'})" if res.flipped else ""))
         inc = res.evidence.get("incident", {})
         if "fixed_output" in inc:
             print(f"  output: {inc['baseline_output']!r} -> {inc['fixed_output']!r}")

@@ -96,7 +96,7 @@ def cmd_info(args) -> int:
     out = f"label {inc['label']!r}" if inc["label"] else f"output {inc['output']!r}"
     print(f"  {out}")
     print(f"  failure {f['spec']} — {'FAILS' if f['failing'] else 'does not fail'} (metric {f['metric']:.4g}, "
-          f"{f['metric_is']}); expected: {f['expected']}")
+          f"{f['metric_is']})" + (f"; expected: {f['expected']}" if f["expected"] else ""))
     emb = "embedded in the bundle" if m["weights_embedded"] else f"not embedded; loads from {m['source']}"
     print(f"  model: {m['class_name']} ({m['family']}, {m['task']}), {m['n_layers']} layers, d_model {m['d_model']}, "
           f"{m['dtype']}; weights sha256 {m['weights_sha256'][:16]}…, {emb}")
