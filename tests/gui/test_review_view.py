@@ -144,3 +144,36 @@ def test_rejecting_everything_disables_reevaluate(view, session, two_element_res
     assert not view.reevaluate_button.isEnabled()
     assert len(session.analyst["rejected"]) == 2 and session.analyst["accepted"] == []
     assert math.isfinite(res.flip_rate)
+
+
+def test_position_map_labels_do_not_overlap_at_150_tokens(qtbot):
+    """A researcher's own incident has ~150 prompt tokens: the layer × position map labelled every position and
+    the numbers ran into one another ("0123456789101112…"); it labels as many as fit, evenly spaced, and labels
+    every position with its token when they do fit."""
+    from PySide6.QtCore import QPointF
+    from PySide6.QtGui import QFontMetrics
+
+    from workbench.views.plots import PositionMap
+
+    m = PositionMap()
+    qtbot.addWidget(m)
+    m.resize(1000, 400)
+    m.show()
+    qtbot.waitExposed(m)
+    tokens = [f"tok{i}" for i in range(150)]
+    m.set_cells(12, 150, [(11, [149], 1.0), (3, list(range(150)), 2.0)], tokens)
+    axis = m.plotItem.getAxis("bottom")
+    fm = QFontMetrics(axis.font())
+    vb = m.plotItem.vb
+    drawn = axis._tickLevels[0]                     # the ticks the axis draws: [(x, label), ...]
+    xs = [vb.mapViewToScene(QPointF(x, 0)).x() for x, _ in drawn]
+    assert 5 <= len(drawn) < 150
+    widest = max(fm.horizontalAdvance(part) for _, lab in drawn for part in lab.split("\n"))
+    assert min(b - a for a, b in zip(xs, xs[1:])) > widest            # no two labels touch
+    assert drawn[0][1] == "0"
+    # a cell too narrow for its number shows none (150 "2"s in a row were an unreadable smear)
+    assert not any(label.isVisible() for label in m._labels)
+    # few tokens: every position, with its token
+    m.set_cells(4, 6, [(1, [2], 1.0)], ["a", "b", "c", "d", "e", "f"])
+    assert [lab for _, lab in axis._tickLevels[0]] == [f"{i}\n{t}" for i, t in enumerate("abcdef")]
+    assert all(label.isVisible() for label in m._labels)

@@ -14,6 +14,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QPointF, Qt, Signal, Slot
+from PySide6.QtGui import QFontMetrics
 
 #: One colour per activation site (colour-blind-safe Okabe–Ito palette).
 SITE_COLORS = {
@@ -239,6 +240,9 @@ class PositionMap(pg.PlotWidget):
         self.value_label = value_label
         self.matrix = np.zeros((0, 0), dtype=np.float32)   # [n_layers, n_positions]
         self._labels: list[pg.TextItem] = []
+        self._tokens: list[str] | None = None
+        #: the token-position ticks drawn on the x axis: ``[(x, label), ...]`` (thinned to the plot's width)
+        self.x_ticks: list[tuple[float, str]] = []
 
     def set_cells(self, n_layers: int, n_positions: int, cells: Iterable[tuple[int, Sequence[int], float]],
                   tokens: Sequence[str] | None = None) -> None:
@@ -278,15 +282,48 @@ class PositionMap(pg.PlotWidget):
                 self._labels.append(label)
         self.image.setImage(rgba, autoLevels=False)
         self.image.setRect(0, 0, m.shape[1], m.shape[0])
-        bottom = self.plotItem.getAxis("bottom")
-        if tokens is not None and len(tokens) == m.shape[1]:
-            bottom.setTicks([[(i + 0.5, f"{i}\n{t}") for i, t in enumerate(tokens)]])
-        else:
-            bottom.setTicks([[(i + 0.5, str(i)) for i in range(m.shape[1])]])
+        self._tokens = list(tokens) if tokens is not None and len(tokens) == m.shape[1] else None
+        self._update_x_ticks()
         step = max(1, m.shape[0] // 12)
         self.plotItem.getAxis("left").setTicks([[(r + 0.5, str(r)) for r in range(0, m.shape[0], step)]])
         self.plotItem.setXRange(0, m.shape[1], padding=0.01)
         self.plotItem.setYRange(0, m.shape[0], padding=0.01)
+
+    #: Token steps the x axis may use when not every position fits (positions 0, step, 2·step, … are labelled).
+    _STEPS = (1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 2000, 5000, 10000)
+
+    def _update_x_ticks(self) -> None:
+        """Label as many token positions as fit the plot's width without overlapping (every position, with its
+        token under the number, when there is room; else every 2nd / 5th / 10th … position, numbers only)."""
+        n = int(self.matrix.shape[1]) if self.matrix.ndim == 2 else 0
+        bottom = self.plotItem.getAxis("bottom")
+        if n == 0:
+            self.x_ticks = []
+            bottom.setTicks(None)
+            return
+        width = max(50.0, float(self.plotItem.vb.width()) or float(self.width()) * 0.9)
+        fm = QFontMetrics(bottom.font() if hasattr(bottom, "font") else self.font())
+        gap = 8
+        cell_px = width / n          # a cell's number is drawn only where the cell is wide enough to hold it
+        for label in self._labels:
+            label.setVisible(fm.horizontalAdvance(label.toPlainText()) + 2 <= cell_px)
+        if self._tokens is not None:
+            labels = [f"{i}\n{t}" for i, t in enumerate(self._tokens)]
+            need = max(max(fm.horizontalAdvance(part) for part in lab.split("\n")) for lab in labels) + gap
+            if need * n <= width:
+                self.x_ticks = [(i + 0.5, lab) for i, lab in enumerate(labels)]
+                bottom.setTicks([self.x_ticks])
+                return
+        need = fm.horizontalAdvance(str(n - 1)) + gap
+        step = next((s for s in self._STEPS if need * math.ceil(n / s) <= width), self._STEPS[-1])
+        self.x_ticks = [(i + 0.5, str(i)) for i in range(0, n, step)]
+        bottom.setTicks([self.x_ticks])
+
+    def resizeEvent(self, event) -> None:  # noqa: N802 - Qt naming
+        super().resizeEvent(event)
+        m = self.__dict__.get("matrix")        # None while pg.PlotWidget.__init__ resizes the view
+        if m is not None and m.size:
+            self._update_x_ticks()
 
 
 class HistogramPlot(pg.PlotWidget):

@@ -372,7 +372,7 @@ class ReviewView(QWidget):
                 iv = el.intervention
                 pos = range(n_pos) if iv.positions == "all" else iv.positions
                 cells.append((iv.layer, list(pos), float(i + 1)))
-            tokens = list(bundle.tokens[:n_pos]) if n_pos <= 24 else None
+            tokens = list(bundle.tokens[:n_pos])     # the map labels as many as fit its width
             self.position_map.set_cells(bundle.n_layers, n_pos, cells, tokens)
 
     # ------------------------------------------------------------------ lifetime
