@@ -215,3 +215,29 @@ def test_a_partial_result_is_rerun_or_certified_as_partial_by_choice(qtbot, wind
     assert doc["cca"]["partial"] is False and doc["cca"]["n_controls"] == 10
     assert window.session.cca is not None and not window.session.cca.partial   # the views show what was certified
     qtbot.waitUntil(lambda: not window.runner.busy, timeout=10_000)
+
+
+def test_a_cancelled_cca_with_no_fix_set_is_not_offered_for_certification(qtbot, window, demo_bundle, tmp_path,
+                                                                         save_as, boxes, monkeypatch):
+    """CCA cancelled before it found any set (a big incident, Esc after a few seconds): Export does not offer to
+    certify the partial result (the engine cannot: a certificate names a fix set, and it failed with the schema's
+    "cca.fix_set: [] should be non-empty"); it says why in words and writes nothing."""
+    from PySide6.QtWidgets import QMessageBox
+
+    from workbench.views import export
+
+    _, cca, _ = demo_evidence(demo_bundle)
+    window.session.set_cca(dataclasses.replace(cca, partial=True, fix_set=[]))
+    buttons: list[list[str]] = []
+    monkeypatch.setattr(QMessageBox, "exec", lambda box: buttons.append([b.text() for b in box.buttons()]) or 0)
+    save_as(tmp_path / "asked.pdf")
+    window.act_export.trigger()
+    assert len(buttons) == 1 and not any("partial" in b.lower() for b in buttons[0])    # only "run again" / Cancel
+    assert list(tmp_path.iterdir()) == []
+
+    assert export.export_certificate(window, window.session, window.runner, tmp_path / "kept.pdf",
+                                     rerun_partial=False) is None
+    title, text = boxes[-1]
+    assert title == "Export certificate" and "before it found a fix set" in text and "should be non-empty" not in text
+    assert "found no fix set" in status(window)
+    assert list(tmp_path.iterdir()) == [] and not window.runner.busy

@@ -29,6 +29,8 @@ JOB = "certificate"
 CCA_CONTROLS = 200          # control sets when CCA runs for the certificate (the p-value criterion needs >= 200)
 PDF_FILTER = "PDF documents (*.pdf)"
 OBJECT_NAME = "certificate-export"
+NO_SET_TEXT = ("The CCA run was cancelled before it found a fix set, so there is no partial result to certify "
+               "(a certificate names a fix set).")
 ANALYSIS_JOBS = {"cf": "CF", "cca": "CCA", "review": "re-evaluation"}   # the CF, CCA and review views' jobs
 
 
@@ -269,18 +271,30 @@ def export_certificate(window, session, runner, path: str | os.PathLike | None =
     if path.suffix.lower() != ".pdf":
         path = path.with_name(path.name + ".pdf")
     partial = [w for w, r in (("CF", session.cf), ("CCA", session.cca)) if r is not None and r.partial]
+    # a CCA run cancelled before it found any set leaves nothing a certificate can name (the certificate needs a
+    # non-empty fix set): the only way on is to run CCA again
+    no_set = session.cca is not None and session.cca.partial and not session.cca.fix_set
+    if no_set and rerun_partial is False:
+        QMessageBox.information(window, "Export certificate", NO_SET_TEXT + "\n\nRun CCA again (Ctrl+Shift+R), or "
+                                "export again and choose to run it again for the certificate.")
+        window.show_status("Certificate not exported: the cancelled CCA run found no fix set")
+        return None
     if partial and rerun_partial is None:
         what = " and ".join(partial)
         box = QMessageBox(QMessageBox.Icon.Question, "Export certificate",
                           f"The {what} result is partial: its run was cancelled.", parent=window)
-        box.setInformativeText(f"Run {what} again for the certificate, or certify the partial result as it is (the "
-                               "certificate will say PARTIAL and certify no root cause)?")
+        if no_set:
+            box.setInformativeText(f"{NO_SET_TEXT} Run {what} again for the certificate?")
+        else:
+            box.setInformativeText(f"Run {what} again for the certificate, or certify the partial result as it is "
+                                   "(the certificate will say PARTIAL and certify no root cause)?")
         rerun = box.addButton(f"Run {what} again", QMessageBox.ButtonRole.AcceptRole)
-        keep = box.addButton("Certify the partial result", QMessageBox.ButtonRole.DestructiveRole)
+        keep = (None if no_set else
+                box.addButton("Certify the partial result", QMessageBox.ButtonRole.DestructiveRole))
         box.addButton(QMessageBox.StandardButton.Cancel)
         box.setDefaultButton(rerun)
         box.exec()
-        if box.clickedButton() not in (rerun, keep):
+        if box.clickedButton() is None or box.clickedButton() not in (rerun, keep):
             window.show_status("Certificate export cancelled")
             return None
         rerun_partial = box.clickedButton() is rerun
