@@ -135,3 +135,36 @@ def test_a_result_of_another_bundle_is_refused(session):
     other = CCAResult(**{**fields, "fix_set": [], "partial": True, "criteria": {}, "trace": [], "ranking": {}},
                       bundle_uuid="not-" + session.bundle.uuid)
     assert session.set_cca(other) is False and session.cca is None
+
+
+def test_summary_says_fixed_needs_the_margin(qtbot, session, view, demo_bundle):
+    """A set that pushes the metric below 0 but not past the fix margin: the summary said "incident still fails;
+    search metric 0.0728 → -0.41 (… > 0 = fails)", which reads as a contradiction; it names the margin CCA needs."""
+    import dataclasses
+
+    from test_certificate import demo_evidence
+
+    _, cca, _ = demo_evidence(demo_bundle)
+    evidence = dict(cca.evidence)
+    evidence["incident"] = {**(evidence.get("incident") or {}), "margin": 1.0}
+    res = dataclasses.replace(cca, flipped=False, baseline_metric=0.0728, fixed_metric=-0.41, evidence=evidence)
+    session.set_cca(res)
+    text = view.summary.text()
+    assert "still fails" in text and "-0.41" in text
+    assert "fixed needs \u2264 \u22121" in text
+
+
+def test_progress_bar_names_the_stage_instead_of_sitting_at_0_percent(qtbot, session, view):
+    """The engine reports CCA progress per stage; on a 150-token, 12-layer incident the search stage sent nothing
+    for five minutes and the bar read "0%" the whole time, as if hung.  While running, the bar names the stage it is
+    in ("stage 1 of 7: screening …"); once done it reads 100%."""
+    view.controls.setValue(5)
+    texts: list[str] = []
+    view.timer.timeout.connect(lambda: texts.append(view.progress.text()))
+    view.run_button.click()
+    qtbot.waitUntil(lambda: any(t.startswith("stage ") for t in texts), timeout=60_000)
+    with qtbot.waitSignal(session.cca_changed, timeout=60_000):
+        view.cancel_button.click()                 # seen what we came for: a partial result ends the test fast
+    assert any(t.startswith("stage 1 of ") for t in texts), texts
+    assert "0%" not in texts
+    assert view.progress.text().endswith("%")      # the finished (here: cancelled) run shows how far it got

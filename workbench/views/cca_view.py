@@ -144,10 +144,15 @@ def summary_lines(result) -> list[str]:
         lines.append("PARTIAL result (the run was cancelled): the evidence below is incomplete.")
     state = ("FLIPPED (no longer fails)" if result.flipped else "still fails" if result.checked else
              "not checked (cancelled before the set was run on it)")
+    margin = ((result.evidence or {}).get("incident") or {}).get("margin")
+    # CCA counts the incident fixed only when the failing outcome is beaten by the fix margin: without saying so,
+    # "still fails; search metric 0.07 → -0.41 (> 0 = fails)" reads as a contradiction
+    rule = (f"> 0 = fails; fixed needs \u2264 \u2212{_fmt(margin)}, the fix margin"
+            if isinstance(margin, (int, float)) and math.isfinite(margin) and margin > 0 else "> 0 = fails")
     lines.append(f"Fix set: {len(result.fix_set)} element(s); incident {state}; "
                  f"{'search metric' if result.checked else 'best search metric (teacher-forced)'} "
                  f"{_fmt(result.baseline_metric)} \u2192 {_fmt(result.fixed_metric)} "
-                 f"(logit margin of the failing outcome; > 0 = fails)")
+                 f"(logit margin of the failing outcome; {rule})")
     lo, hi = result.flip_rate_ci
     if result.n_variants:
         lines.append(f"Flip rate over {result.n_variants} held-out failing variants: {_pct(result.flip_rate)} "
@@ -411,6 +416,7 @@ class CCAView(QWidget):
         self._job = None
         self.timer.stop()
         self._update_enabled()
+        self.progress.setFormat("%p%")
         done, total, _what = self._progress
         if result.partial and total > 0:         # a cancelled run shows how far it got, not 100%
             self.progress.setRange(0, total)
@@ -435,6 +441,7 @@ class CCAView(QWidget):
         self._update_enabled()
         self.progress.setRange(0, 1)
         self.progress.setValue(0)
+        self.progress.setFormat("%p%")
         self.stage_label.setText(f"CCA failed: {message}")
         self.session.status.emit(f"CCA failed: {message}")
 
@@ -448,6 +455,9 @@ class CCAView(QWidget):
         if total > 0 and (done > 0 or what != "starting"):
             self.progress.setRange(0, total)
             self.progress.setValue(min(done, total))
+            # the engine reports stages (done of total), not work within a stage: the search stage of a big
+            # incident sends none for minutes, and a bar reading "0%" all that time looked hung
+            self.progress.setFormat(f"stage {min(done + 1, total)} of {total}: {what}" if done < total else "%p%")
         last = self._trace[-1] if self._trace else {}
         passes = last.get("passes", 0)
         best = last.get("best_metric")
@@ -486,6 +496,7 @@ class CCAView(QWidget):
         self.partial_label.setVisible(False)
         self.progress.setRange(0, 1)
         self.progress.setValue(0)
+        self.progress.setFormat("%p%")
 
     @Slot(object)
     def _on_cf_changed(self, cf) -> None:
