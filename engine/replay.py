@@ -94,7 +94,9 @@ def _model_from_embedded(bundle: IncidentBundle) -> torch.nn.Module:
         state = load(bundle.weights_bytes())
     except Exception as exc:
         raise BundleError(f"/model/weights are not valid safetensors ({str(exc)[:120]})") from None
-    dtype = getattr(torch, bundle.model_info["dtype"], torch.float32)
+    dtype = getattr(torch, bundle.model_info["dtype"], None)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise BundleError(f"/model: dtype {bundle.model_info['dtype']!r} is not a torch floating-point dtype")
     with torch.device("cpu"):
         model = cls(config).to(dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -120,8 +122,11 @@ def load_bundle_model(bundle: IncidentBundle, model_source: str | None = None) -
     source's.
     """
     if model_source is None and bundle.has_embedded_weights:
-        model = _model_from_embedded(bundle)
-        handle = ModelHandle(model=model, tokenizer=_tokenizer_from_bundle(bundle), source="embedded")
+        tokenizer = _tokenizer_from_bundle(bundle)
+        if tokenizer is None:
+            raise BundleError("the bundle embeds the model's weights but no tokenizer (/tokenizer/files is empty); "
+                              "replay it with --model DIR, a folder holding the model and its tokenizer")
+        handle = ModelHandle(model=_model_from_embedded(bundle), tokenizer=tokenizer, source="embedded")
     else:
         src = model_source or bundle.model_info["source"]
         if not src or src == "embedded":
@@ -225,7 +230,10 @@ def replay(bundle: IncidentBundle | str | Path, *, model_source: str | None = No
                                 "recorded activations differ at " + ", ".join(bad_sites[:6]) +
                                 (f" and {len(bad_sites) - 6} more" if len(bad_sites) > 6 else "")))
             if b.mode == "generate":
-                cont = greedy_continuation(handle, enc["input_ids"][:, : b.n_prompt_tokens], b.max_new_tokens)
+                # one token past the recorded continuation is enough to see a difference (and keeps a bundle whose
+                # max_new_tokens is absurd from generating past the model's position limit)
+                n_gen = min(b.max_new_tokens, len(b.continuation_ids) + 1)
+                cont = greedy_continuation(handle, enc["input_ids"][:, : b.n_prompt_tokens], n_gen)
                 same = cont == b.continuation_ids.tolist()
                 checks.append(Check("continuation", same, "greedy continuation re-generated identically" if same
                                     else f"continuation differs: {handle.tokenizer.decode(cont)!r}"))

@@ -526,6 +526,9 @@ _CLI_CASES = {
     "thread count": (_set_attr("/environment", "torch_num_threads", np.int64(10**9)), None),
     "config list": (_set_attr("/model", "config_json", "[1, 2]"), None),
     "id beyond vocab": (lambda f: f["/input/input_ids"].__setitem__(0, 10**6), None),
+    "tokenizer files deleted": (lambda f: [f["/tokenizer/files"].__delitem__(k) for k in list(f["/tokenizer/files"])],
+                                None),
+    "unknown dtype": (_set_attr("/model", "dtype", "float99"), None),
 }
 
 
@@ -549,3 +552,21 @@ def test_cli_names_a_broken_bundle_in_one_line(case, command, tmp_path, capsys):
     assert rc not in (0, 1), (case, command, rc)  # 1 is replay's "differs"
     assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
     assert not SENTINEL.exists()
+
+
+def test_replay_of_a_bundle_with_an_absurd_max_new_tokens_does_not_generate_past_the_model(tmp_path):
+    # the recorded continuation decides how far a replay regenerates (one token past it), not max_new_tokens
+    from engine.replay import replay
+
+    path = tmp_path / "long.h5"
+    shutil.copyfile(BASE, path)
+    with h5py.File(path, "r+") as f:
+        f["/failure"].attrs["max_new_tokens"] = np.int64(10**6)
+        n_cont = len(f["/output/continuation_ids"])
+    with _alarm(60):
+        report = replay(path)
+    cont = next(c for c in report.checks if c.name == "continuation")
+    assert all(c.ok for c in report.checks if c.name != "continuation"), report.checks
+    # stopped by EOS it regenerates the same; stopped by the old limit it sees one token more, and says so
+    assert cont.ok or "continuation differs" in cont.detail, cont
+    assert n_cont > 0
