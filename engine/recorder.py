@@ -18,6 +18,7 @@ count and deterministic flags written to the bundle's environment so a replay ca
 from __future__ import annotations
 
 import io
+import json
 import platform
 import sys
 import tempfile
@@ -88,15 +89,18 @@ def model_info(handle: ModelHandle, embed_weights: bool | str = "auto") -> Model
     embed = (n_bytes <= EMBED_LIMIT_BYTES) if embed_weights == "auto" else bool(embed_weights)
     blob = None
     if embed:
-        seen: dict[int, str] = {}
-        tensors = {}
+        seen: dict[tuple, str] = {}
+        tensors, tied = {}, {}
         for name, t in model.state_dict().items():
             key = (t.data_ptr(), t.numel(), t.dtype)
             if t.numel() and key in seen:  # tied weights: stored once, re-tied on load
+                tied[name] = seen[key]
                 continue
             seen[key] = name
             tensors[name] = t.detach().cpu().contiguous()
-        blob = save(tensors)
+        # the header names each dropped tensor and the one it is tied to, so that weights_sha256 can be checked
+        # from the file alone (docs/bundle-format.md §3.1.1)
+        blob = save(tensors, metadata={"tied_weights": json.dumps(tied, sort_keys=True)})
     id2label = getattr(model.config, "id2label", None) if handle.is_classifier else None
     return ModelInfo(
         source=handle.source, class_name=type(model).__name__, family=handle.family,

@@ -320,3 +320,32 @@ def test_hdf5_but_not_a_bundle(tmp_path):
         f.attrs["schema_version"] = 99
     with pytest.raises(BundleError, match="schema version 99 is not supported"):
         open_bundle(p)
+
+
+def test_weights_hash_checks_from_the_file_alone_as_the_format_says(gpt2_bundle):
+    """docs/bundle-format.md §3.1.1, with h5py, json and hashlib only: parse the embedded safetensors, add the tied
+    names its header lists, hash; the result is the recorded weights_sha256 (GPT-2 ties lm_head to wte)."""
+    import hashlib
+    import json
+    import struct
+
+    torch_name = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                  "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+    with h5py.File(gpt2_bundle, "r") as f:
+        blob = f["model/weights"][()].tobytes()
+        want = f["model"].attrs["weights_sha256"]
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + n])
+    data = blob[8 + n:]
+    tied = json.loads(header.pop("__metadata__")["tied_weights"])
+    assert tied == {"lm_head.weight": "transformer.wte.weight"}
+    entries = {**header, **{name: header[to] for name, to in tied.items()}}
+    h = hashlib.sha256()
+    for name in sorted(entries):
+        e = entries[name]
+        begin, end = e["data_offsets"]
+        h.update(name.encode())
+        h.update(f"torch.{torch_name[e['dtype']]}".encode())
+        h.update(str(tuple(e["shape"])).encode())
+        h.update(data[begin:end])
+    assert h.hexdigest() == want
