@@ -166,6 +166,7 @@ def test_cancelled_analysis_with_long_inputs_still_renders_readably(demo_bundle,
     text = pdftotext(pdf)
     page1 = flat(pdftotext(pdf, "-f", "1", "-l", "1"))
     assert "NOT CERTIFIED" in page1 and "PARTIAL RESULT" in page1
+    assert "The best set found (not checked on the incident)" in page1 and "The fix " not in page1
     assert "and 6 more elements" in page1
     squeezed = "".join(text.split())                          # a path longer than a line is cut, never lost
     for cmd in commands:
@@ -239,3 +240,14 @@ def test_thin_evidence_is_on_the_banner_and_in_the_verdict(demo_pdf, tmp_path):
     assert "Thin evidence: the flip rate's 95% CI reaches down to 34.2% (< 80%) over 2 held-out variants" in body
     assert flat(doc["verdict"]) in body
     assert_text_inside_margins(pdf)
+
+
+def test_a_set_that_does_not_fix_is_not_headed_the_fix(demo_pdf, tmp_path):
+    import copy
+
+    first = flat(pdftotext(demo_pdf[1], "-f", "1", "-l", "1"))
+    assert "The fix 1. " in first  # the demo's set fixes: the heading, then its first element
+    doc = copy.deepcopy(demo_pdf[0])
+    doc["cca"]["flipped"] = False
+    body = flat(pdftotext(render_certificate_pdf(doc, tmp_path / "nofix.pdf"), "-f", "1", "-l", "1"))
+    assert "The best set found (it is not a fix)" in body and "The fix 1. " not in body

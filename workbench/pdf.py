@@ -607,7 +607,9 @@ def _page_summary(c: _Canvas, doc: Mapping) -> None:
     y = _kv(c, y, rows) + 4
 
     # the fix
-    y = _heading(c, y, "The fix")
+    # a set that does not fix (or was never checked) is not called "the fix"
+    y = _heading(c, y, "The fix" if cca.get("flipped") else "The best set found (it is not a fix)"
+                 if set_was_checked(cca) else "The best set found (not checked on the incident)")
     fix = cca["fix_set"]
     lines = []
     for i, e in enumerate(fix[:6]):
