@@ -241,3 +241,32 @@ def test_a_cancelled_cca_with_no_fix_set_is_not_offered_for_certification(qtbot,
     assert title == "Export certificate" and "before it found a fix set" in text and "should be non-empty" not in text
     assert "found no fix set" in status(window)
     assert list(tmp_path.iterdir()) == [] and not window.runner.busy
+
+
+def test_certificate_json_is_written_off_the_gui_thread(qtbot, window, demo_bundle, tmp_path, save_as, boxes,
+                                                       monkeypatch):
+    """On a 150-token, 12-layer incident the export froze the window for ~1.1 s after the engine was done: the PDF
+    (which workbench.pdf draws on the GUI thread) and the validated JSON were both written there.  The JSON is now
+    validated and written by the job; the files still appear together, after the PDF."""
+    import threading
+
+    import engine.certificate as certificate
+
+    threads: list[str] = []
+    real = certificate.write_certificate
+
+    def spy(doc, path, *a, **k):
+        threads.append(threading.current_thread().name)
+        return real(doc, path, *a, **k)
+
+    monkeypatch.setattr(certificate, "write_certificate", spy)
+    _, cca, _ = demo_evidence(demo_bundle)
+    window.session.set_cca(cca)                       # CF runs for the certificate, as in the first test
+    pdf = tmp_path / "off.pdf"
+    save_as(pdf)
+    window.act_export.trigger()
+    qtbot.waitUntil(lambda: "Certificate written" in status(window), timeout=TIMEOUT_MS)
+    assert threads and threading.main_thread().name not in threads
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["off.cca.json", "off.cf.json", "off.json", "off.pdf"]
+    assert certificate.load_certificate(pdf.with_suffix(".json"))["cca"]["flip_rate"] == cca.flip_rate
+    qtbot.waitUntil(lambda: not window.runner.busy, timeout=10_000)

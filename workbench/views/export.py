@@ -8,10 +8,11 @@ certificate data (``engine.certificate.build_certificate``) with the analyst's a
 ``session.analyst``. Progress goes to the status bar; Esc (Analysis ▸ Cancel) cancels
 and nothing is written.
 
-The PDF is drawn on the GUI thread (``workbench.pdf`` uses QPdfWriter/QPainter/QTextDocument, which we keep on the
-thread that owns the QGuiApplication; ~0.1–0.3 s for the five pages), then the JSON is written beside it, and the
-CF / CCA results are kept as ``CERT.cf.json`` / ``CERT.cca.json`` (the files the certificate's reproduction
-commands name). Results computed here are also published to the session, so the CF and CCA views show them. A
+The job also writes the JSON and keeps the CF / CCA results as ``CERT.cf.json`` / ``CERT.cca.json`` (the files
+the certificate's reproduction commands name). Only the PDF is drawn on the GUI thread (``workbench.pdf`` uses
+QPdfWriter/QPainter/QTextDocument and insists on the thread that owns the QGuiApplication; ~0.1–0.3 s for the demo,
+~0.8 s for a 150-token, 12-layer incident); the JSON files are renamed into place after it
+(and removed when it fails). Results computed here are also published to the session, so the CF and CCA views show them. A
 failure shows a dialog and a status message; success a status message naming every file written.
 """
 
@@ -32,6 +33,30 @@ OBJECT_NAME = "certificate-export"
 NO_SET_TEXT = ("The CCA run was cancelled before it found a fix set, so there is no partial result to certify "
                "(a certificate names a fix set).")
 ANALYSIS_JOBS = {"cf": "CF", "cca": "CCA", "review": "re-evaluation"}   # the CF, CCA and review views' jobs
+
+
+def _write_json(doc: dict, json_path: Path, results: list) -> list[tuple[str, str]]:
+    """Write the certificate JSON and the CF / CCA results it names (engine thread) to temporary names beside
+    their targets; returns ``[(temporary, target), ...]``.  :meth:`CertificateExport._write` renames them once the
+    PDF is drawn (so a failed PDF leaves every earlier file as it was).  On a failure removes what it wrote."""
+    from engine.certificate import write_certificate
+
+    pairs: list[tuple[str, str]] = []
+    try:
+        tmp = json_path.with_name(f".{json_path.name}.tmp")
+        pairs.append((str(tmp), str(json_path)))
+        write_certificate(doc, tmp)
+        # the results are kept beside the certificate: its reproduction commands name them (certify --result/--cf)
+        for obj, path in results:
+            path = Path(path)
+            tmp = path.with_name(f".{path.name}.tmp")
+            pairs.append((str(tmp), str(path)))
+            tmp.write_text(json.dumps(obj.to_dict(), indent=1) + "\n", encoding="utf-8")
+    except BaseException:
+        for t, _ in pairs:
+            Path(t).unlink(missing_ok=True)
+        raise
+    return pairs
 
 
 def default_pdf_path(session) -> Path:
@@ -84,6 +109,7 @@ class CertificateExport(QObject):
         stem = pdf.with_suffix("")
         cf_path = stem.with_name(stem.name + ".cf.json")
         cca_path = stem.with_name(stem.name + ".cca.json")
+        json_path = self.json_path
         steps = 2 + (cf_given is None) + (cca_given is None)
 
         def job(emit, cancel):
@@ -132,9 +158,16 @@ class CertificateExport(QObject):
                                              n_controls=cca.n_controls or None, with_cf=cf is not None)
             doc = build_certificate(bundle_path, cca=cca, cf=cf, replay_report=rep, analyst=analyst,
                                     commands=commands)
+            if cancel.is_set():
+                return None
+            # the JSON files here, off the GUI thread (validating and writing them took ~0.2 s on a 150-token
+            # incident); only the PDF, which workbench.pdf draws on the GUI thread, is left for _on_finished
+            say("writing the certificate JSON")
+            results = {"cca": (cca, cca_path), "cf": (cf, cf_path)}
+            written = _write_json(doc, json_path, [(obj, path) for obj, path in results.values() if obj is not None])
             return {"doc": doc, "cf": cf, "cca": cca, "cf_computed": cf_given is None and cf is not None,
                     "cca_computed": cca_given is None, "cf_path": str(cf_path), "cca_path": str(cca_path),
-                    "note": cf_note}
+                    "note": cf_note, "written": written}
 
         self._bundle = bundle
         self._job = self.runner.submit(JOB, job)
@@ -192,24 +225,22 @@ class CertificateExport(QObject):
 
     # ------------------------------------------------------------------ helpers
     def _write(self, result: dict) -> None:
-        from engine.certificate import write_certificate
+        """Draw the PDF (GUI thread: ``workbench.pdf`` requires it), then rename the JSON files the job wrote into
+        place; when the PDF cannot be written they are removed, so a failed export leaves nothing behind."""
         from workbench.pdf import render_certificate_pdf
 
-        doc = result["doc"]
-        render_certificate_pdf(doc, self.pdf_path)
+        pairs = list(result.get("written") or [])
+        self._status(f"Exporting the certificate: drawing {self.pdf_path.name}…")
+        try:
+            render_certificate_pdf(result["doc"], self.pdf_path)
+        except BaseException:
+            for tmp, _ in pairs:
+                Path(tmp).unlink(missing_ok=True)
+            raise
         self.written.append(str(self.pdf_path))
-        write_certificate(doc, self.json_path)
-        self.written.append(str(self.json_path))
-        # the results are kept beside the certificate: its reproduction commands name them (certify --result/--cf)
-        for key, path_key in (("cca", "cca_path"), ("cf", "cf_path")):
-            obj = result[key]
-            if obj is None:
-                continue
-            path = Path(result[path_key])
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(json.dumps(obj.to_dict(), indent=1) + "\n", encoding="utf-8")
-            os.replace(tmp, path)
-            self.written.append(str(path))
+        for tmp, target in pairs:
+            os.replace(tmp, target)
+            self.written.append(target)
         if self.session.bundle is self._bundle:   # the views show what the certificate carries
             if result.get("cf_computed") and (self.session.cf is None or self.session.cf.partial):
                 self.session.set_cf(result["cf"])
