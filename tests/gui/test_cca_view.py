@@ -168,3 +168,12 @@ def test_progress_bar_names_the_stage_instead_of_sitting_at_0_percent(qtbot, ses
     assert any(t.startswith("stage 1 of ") for t in texts), texts
     assert "0%" not in texts
     assert view.progress.text().endswith("%")      # the finished (here: cancelled) run shows how far it got
+
+
+def test_a_result_computed_elsewhere_shows_a_full_bar(qtbot, session, view, demo_bundle):
+    """A CCA result the certificate export computed (or a loaded one) said "CCA finished" over a bar at 0%."""
+    from test_certificate import demo_evidence
+
+    _, cca, _ = demo_evidence(demo_bundle)
+    session.set_cca(cca)
+    assert view.stage_label.text().startswith("CCA finished") and view.progress.text() == "100%"

@@ -516,6 +516,10 @@ class CCAView(QWidget):
         fill_criteria_table(self.criteria_table, result)
         self.summary.setText("\n".join(summary_lines(result)))
         self.partial_label.setVisible(bool(result.partial))
+        if not result.partial and self._job is None:   # computed elsewhere (the certificate export, a review)
+            self.progress.setRange(0, 1)                # "CCA finished" over a bar reading 0% looked stuck
+            self.progress.setValue(1)
+            self.progress.setFormat("%p%")
         ok = sum(1 for c in result.criteria.values() if c.get("ok"))
         self.stage_label.setText(
             ("CCA cancelled: partial result" if result.partial else "CCA finished") +
