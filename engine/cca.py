@@ -1228,11 +1228,22 @@ def _run_cca(bundle, handle: ModelHandle, *, cf, op, beam, max_size, n_controls,
     total_stages = 7 if evidence else 3
     state = {"best": (), "best_metric": float("nan")}
 
+    searching: dict = {}  # the running search and its stage number, for progress within the search stage
+
     def step(stage: str, best_metric: float, size: int) -> None:
         d = {"stage": stage, "passes": budget.passes, "best_metric": _num(best_metric), "set_size": size}
         trace.append(d)
         if on_step:
             on_step(dict(d))
+        if stage == "search" and searching and progress:
+            srch, k = searching["search"], searching["k"]
+            best = f"best metric {best_metric:.3g}" if math.isfinite(best_metric) else "no set evaluated yet"
+            if k == 0:  # single sites: how many of the candidates are settled (evaluated, or cleared by a group)
+                done = len({key for key in srch.evaluated if len(key) == 1} | srch.eliminated)
+                what = f"screening: {done} of {len(srch.cands)} candidate sites resolved"
+            else:
+                what = f"search: sets of {size}"
+            prog(k, f"{what}, {budget.passes} passes, {best}")
 
     def prog(k: int, what: str) -> None:
         if progress:
@@ -1260,6 +1271,7 @@ def _run_cca(bundle, handle: ModelHandle, *, cf, op, beam, max_size, n_controls,
         chooser = _Chooser(inc)
         srch = _Search(inc, cands, prior, ranking, top_m, chooser, budget, state, step, rank_info,
                        cf=cf if ranking == "attribution" else None)
+        searching.update(search=srch, k=0)
         srch.size1()
         size = 1
         if not chooser.clean() and max_size > 1:
@@ -1268,6 +1280,7 @@ def _run_cca(bundle, handle: ModelHandle, *, cf, op, beam, max_size, n_controls,
         # larger sets while nothing fixes, or while no fix is specific enough ("clean", see _Chooser.clean)
         while not chooser.clean() and size < max_size and beams:
             size += 1
+            searching["k"] = 1
             prog(1, f"search: size {size}")
             beams = srch.extend(beams, beam)
         found = chooser.best()

@@ -68,8 +68,15 @@ def test_token_ablations_are_group_tested_on_a_long_prompt(tmp_path):
     with torch_threads(1):
         h = _planted_bundle(path, (2,), words=40)
         with open_bundle(path) as b:
-            res = run_cca(b, h, evidence=False, n_controls=0)
+            msgs = []
+            res = run_cca(b, h, evidence=False, n_controls=0, progress=lambda k, t, what: msgs.append((k, what)))
             n = int(b.n_prompt_tokens)
+    # progress within the search stage: how many candidate sites are settled so far, passes used, best metric
+    resolved = [int(w.split(" of ")[0].split()[-1]) for k, w in msgs if w.startswith("screening:")]
+    total = res.ranking["n_candidates"]
+    assert len(resolved) >= 2 and resolved == sorted(resolved) and 0 < resolved[-1] <= total, msgs
+    assert all(f"of {total} candidate sites resolved" in w and "passes" in w and "best metric" in w
+               for k, w in msgs if w.startswith("screening:"))
     tok = res.ranking["rounds"][0]
     assert tok["round"].startswith("token ablations") and tok["sites"] == n == 41
     assert tok["group_tests"] > 0 and tok["rows"] < n // 2, tok
