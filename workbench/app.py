@@ -31,6 +31,7 @@ ORGANISATION = "ModelForensics"
 APPLICATION = "Workbench"
 MAX_RECENT = 10
 BUNDLE_FILTER = "Incident bundles (*.h5 *.hdf5);;All files (*)"
+RESULT_FILTER = "CF / CCA results and certificates (*.json);;All files (*)"
 
 
 def settings() -> QSettings:
@@ -158,6 +159,11 @@ class MainWindow(QMainWindow):
         m.addMenu(self.recent_menu)
         self.act_close = self._action(m, "&Close", self.close_bundle, QKeySequence.StandardKey.Close)
         m.addSeparator()
+        self.act_load_result = self._action(m, "&Load saved result…", self.choose_result, "Ctrl+Shift+O")
+        self.act_load_result.setToolTip("Attach a CF or CCA result saved by forensics cf/cca --out, or a "
+                                        "certificate's, to the open incident (Ctrl+Shift+O)")
+        self.act_properties = self._action(m, "Bundle &properties…", self.show_properties, "Ctrl+I")
+        m.addSeparator()
         self.act_export = self._action(m, "&Export certificate…", self.export_certificate, "Ctrl+E")
         m.addSeparator()
         self.act_quit = self._action(m, "&Quit", self.close, QKeySequence.StandardKey.Quit)
@@ -252,7 +258,47 @@ class MainWindow(QMainWindow):
             QMessageBox.critical(self, "Cannot open bundle", f"{path}\n\n{msg}")
             return False
         self._add_recent(path)
+        self.session.load_saved_results()  # NAME.cf.json / NAME.cca.json beside it (as forensics demo writes them)
         return True
+
+    @Slot()
+    def choose_result(self) -> None:
+        if self.session.bundle is None:
+            return
+        start = str(self.session.path.parent) if self.session.path else ""
+        path, _ = QFileDialog.getOpenFileName(self, "Load saved result", start, RESULT_FILTER)
+        if path:
+            self.load_result(path)
+
+    def load_result(self, path: str | Path) -> bool:
+        """Attach a saved CF / CCA result (or a certificate's) to the open incident; a dialog for a file that is not
+        one, or belongs to another incident."""
+        path = Path(path)
+        try:
+            kinds = self.session.load_result(path)
+        except ForensicsError as exc:
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self.show_status(f"Could not load {path.name}: {msg}")
+            QMessageBox.critical(self, "Cannot load result", f"{path}\n\n{msg}")
+            return False
+        self.show_status(f"Loaded {' and '.join(k.upper() for k in kinds)} result{'s' if len(kinds) > 1 else ''} "
+                         f"from {path.name}")
+        return True
+
+    @Slot()
+    def show_properties(self) -> None:
+        """File ▸ Bundle properties (Ctrl+I): what the bundle holds, as ``forensics info`` prints it."""
+        if self.session.bundle is None:
+            return
+        from workbench.cli_info import open_bundle_summary, summary_text
+
+        text = summary_text(open_bundle_summary(self.session.bundle, self.session.path))
+        box = QMessageBox(QMessageBox.Icon.Information, "Bundle properties", self.session.path.name,
+                          QMessageBox.StandardButton.Close, self)
+        box.setInformativeText(text.replace("\n  ", "\n"))
+        box.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.properties_box = box
+        box.open()
 
     @Slot()
     def close_bundle(self) -> None:
@@ -398,22 +444,31 @@ class MainWindow(QMainWindow):
 
     def _update_actions(self) -> None:
         has = self.session.bundle is not None
-        for act in (self.act_close, self.act_export, self.act_run_cf, self.act_run_cca):
+        for act in (self.act_close, self.act_export, self.act_run_cf, self.act_run_cca, self.act_load_result,
+                    self.act_properties):
             act.setEnabled(has)
         self.act_cancel.setEnabled(self.runner.busy)
         self._refresh_recent_menu()
 
     # ------------------------------------------------------------------ drag and drop
+    def _droppable(self, name: str) -> bool:
+        name = name.lower()
+        return name.endswith((".h5", ".hdf5")) or (name.endswith(".json") and self.session.bundle is not None)
+
     def dragEnterEvent(self, event) -> None:
-        if any(u.isLocalFile() and u.toLocalFile().lower().endswith((".h5", ".hdf5"))
-               for u in event.mimeData().urls()):
+        if any(u.isLocalFile() and self._droppable(u.toLocalFile()) for u in event.mimeData().urls()):
             event.acceptProposedAction()
 
     def dropEvent(self, event) -> None:
+        """A bundle opens; a result JSON (with a bundle open) is attached to it."""
         for u in event.mimeData().urls():
-            if u.isLocalFile() and u.toLocalFile().lower().endswith((".h5", ".hdf5")):
+            if u.isLocalFile() and self._droppable(u.toLocalFile()):
                 event.acceptProposedAction()
-                self.open_path(u.toLocalFile())
+                name = u.toLocalFile()
+                if name.lower().endswith(".json"):
+                    self.load_result(name)
+                else:
+                    self.open_path(name)
                 return
 
     # ------------------------------------------------------------------ settings and shutdown

@@ -33,43 +33,49 @@ def register(sub) -> None:
 def bundle_summary(path: str | os.PathLike) -> dict:
     """The facts ``forensics info`` prints, as a JSON-ready dict (raises ``BundleError`` on a bad bundle)."""
     from engine.bundle import open_bundle
+
+    with open_bundle(path) as b:
+        return open_bundle_summary(b, path)
+
+
+def open_bundle_summary(b, path: str | os.PathLike) -> dict:
+    """:func:`bundle_summary` of a bundle that is already open (``IncidentBundle``; reads no activation data)."""
     from engine.failure import metric_name
 
     p = Path(path)
-    with open_bundle(p) as b:
-        mi = b.model_info
-        n_pos, d = b.n_positions, int(mi["d_model"])
-        dtype = str(b.activation_dataset(0, b.sites[0]).dtype) if b.sites and b.n_layers else None
-        values = b.n_layers * len(b.sites) * n_pos * d
-        counts = {name: len(v) for name, v in b.prompt_sets.items() if v}
-        if b.has_benign and "benign_reference" not in counts:  # the recorded benign runs (/benign) are the reference
-            counts["benign_reference"] = len(b.benign_prompts)
-        sets = {name: counts[name] for name, _ in _SETS if name in counts}
-        kind = b.failure_spec.split(":", 1)[0]
-        stem = p.name[:-3] if p.name.endswith(".h5") else p.stem
-        beside = sorted(str(q) for q in p.parent.glob(f"{stem}.*") if q != p and q.is_file()
-                        and not q.name.startswith("."))
-        return {
-            "bundle": str(p), "bytes": p.stat().st_size, "schema_version": b.schema_version, "uuid": b.uuid,
-            "created": b.created, "program": b.program, "scenario": b.scenario or None,
-            "incident": {"prompt": b.prompt, "n_tokens": n_pos, "n_prompt_tokens": b.n_prompt_tokens, "mode": b.mode,
-                         "output": b.continuation_text, "label": b.label,
-                         "failure": {"spec": b.failure_spec, "failing": bool(b.failing),
-                                     "metric": b.failure_metric, "metric_is": metric_name(kind),
-                                     "expected": b.expected}},
-            "model": {"class_name": mi["class_name"], "family": mi["family"], "task": mi["task"],
-                      "source": mi["source"], "dtype": mi["dtype"], "weights_sha256": mi["weights_sha256"],
-                      "weights_embedded": bool(b.has_embedded_weights), "n_layers": b.n_layers, "d_model": d,
-                      "n_heads": mi.get("n_heads"), "d_mlp": mi.get("d_mlp")},
-            "tokenizer": {"class_name": b.tokenizer_class, "sha256": b.tokenizer_sha256},
-            "recorded": {"layers": b.n_layers, "sites": list(b.sites), "positions": n_pos, "d_model": d,
-                         "dtype": dtype, "values": values},
-            "prompt_sets": sets,
-            "environment": {k: b.environment.get(k) for k in ("torch", "transformers", "python", "device",
-                                                              "torch_num_threads", "batch_layout", "platform")
-                            if k in b.environment},
-            "beside": beside,
-        }
+    mi = b.model_info
+    n_pos, d = b.n_positions, int(mi["d_model"])
+    dtype = str(b.activation_dataset(0, b.sites[0]).dtype) if b.sites and b.n_layers else None
+    values = b.n_layers * len(b.sites) * n_pos * d
+    counts = {name: len(v) for name, v in b.prompt_sets.items() if v}
+    if b.has_benign and "benign_reference" not in counts:  # the recorded benign runs (/benign) are the reference
+        counts["benign_reference"] = len(b.benign_prompts)
+    sets = {name: counts[name] for name, _ in _SETS if name in counts}
+    kind = b.failure_spec.split(":", 1)[0]
+    stem = p.name[:-3] if p.name.endswith(".h5") else p.stem
+    beside = sorted(str(q) for q in p.parent.glob(f"{stem}.*") if q != p and q.is_file()
+                    and not q.name.startswith("."))
+    return {
+        "bundle": str(p), "bytes": p.stat().st_size, "schema_version": b.schema_version, "uuid": b.uuid,
+        "created": b.created, "program": b.program, "scenario": b.scenario or None,
+        "incident": {"prompt": b.prompt, "n_tokens": n_pos, "n_prompt_tokens": b.n_prompt_tokens, "mode": b.mode,
+                     "output": b.continuation_text, "label": b.label,
+                     "failure": {"spec": b.failure_spec, "failing": bool(b.failing),
+                                 "metric": b.failure_metric, "metric_is": metric_name(kind),
+                                 "expected": b.expected}},
+        "model": {"class_name": mi["class_name"], "family": mi["family"], "task": mi["task"],
+                  "source": mi["source"], "dtype": mi["dtype"], "weights_sha256": mi["weights_sha256"],
+                  "weights_embedded": bool(b.has_embedded_weights), "n_layers": b.n_layers, "d_model": d,
+                  "n_heads": mi.get("n_heads"), "d_mlp": mi.get("d_mlp")},
+        "tokenizer": {"class_name": b.tokenizer_class, "sha256": b.tokenizer_sha256},
+        "recorded": {"layers": b.n_layers, "sites": list(b.sites), "positions": n_pos, "d_model": d,
+                     "dtype": dtype, "values": values},
+        "prompt_sets": sets,
+        "environment": {k: b.environment.get(k) for k in ("torch", "transformers", "python", "device",
+                                                          "torch_num_threads", "batch_layout", "platform")
+                        if k in b.environment},
+        "beside": beside,
+    }
 
 
 def _size(n: int) -> str:
@@ -88,28 +94,36 @@ def cmd_info(args) -> int:
     if args.json:
         print(json.dumps(s, sort_keys=True))
         return 0
+    print(summary_text(s))
+    return 0
+
+
+def summary_text(s: dict) -> str:
+    """The summary as ``forensics info`` prints it (and the workbench's File ▸ Bundle properties shows it)."""
+    lines: list[str] = []
+    out = lines.append
     inc, f, m, r = s["incident"], s["incident"]["failure"], s["model"], s["recorded"]
-    print(f"incident bundle {s['bundle']} ({_size(s['bytes'])}, schema v{s['schema_version']}, recorded "
-          f"{s['created']} by {s['program']})")
-    print(f"  uuid: {s['uuid']}" + (f"; scenario {s['scenario']}" if s["scenario"] else ""))
-    print(f"  prompt ({inc['n_tokens']} tokens): {inc['prompt']!r}")
-    out = f"label {inc['label']!r}" if inc["label"] else f"output {inc['output']!r}"
-    print(f"  {out}")
-    print(f"  failure {f['spec']} — {'FAILS' if f['failing'] else 'does not fail'} (metric {f['metric']:.4g}, "
-          f"{f['metric_is']})" + (f"; expected: {f['expected']}" if f["expected"] else ""))
+    out(f"incident bundle {s['bundle']} ({_size(s['bytes'])}, schema v{s['schema_version']}, recorded "
+        f"{s['created']} by {s['program']})")
+    out(f"  uuid: {s['uuid']}" + (f"; scenario {s['scenario']}" if s["scenario"] else ""))
+    out(f"  prompt ({inc['n_tokens']} tokens): {inc['prompt']!r}")
+    said = f"label {inc['label']!r}" if inc["label"] else f"output {inc['output']!r}"
+    out(f"  {said}")
+    out(f"  failure {f['spec']} — {'FAILS' if f['failing'] else 'does not fail'} (metric {f['metric']:.4g}, "
+        f"{f['metric_is']})" + (f"; expected: {f['expected']}" if f["expected"] else ""))
     emb = "embedded in the bundle" if m["weights_embedded"] else f"not embedded; loads from {m['source']}"
-    print(f"  model: {m['class_name']} ({m['family']}, {m['task']}), {m['n_layers']} layers, d_model {m['d_model']}, "
-          f"{m['dtype']}; weights sha256 {m['weights_sha256'][:16]}…, {emb}")
-    print(f"  tokenizer: {s['tokenizer']['class_name']}, sha256 {s['tokenizer']['sha256'][:16]}…")
-    print(f"  recorded: {r['layers']} layers × {len(r['sites'])} sites ({', '.join(r['sites'])}) × {r['positions']} "
-          f"positions × {r['d_model']} = {r['values']:,} values ({r['dtype']})")
+    out(f"  model: {m['class_name']} ({m['family']}, {m['task']}), {m['n_layers']} layers, d_model {m['d_model']}, "
+        f"{m['dtype']}; weights sha256 {m['weights_sha256'][:16]}…, {emb}")
+    out(f"  tokenizer: {s['tokenizer']['class_name']}, sha256 {s['tokenizer']['sha256'][:16]}…")
+    out(f"  recorded: {r['layers']} layers × {len(r['sites'])} sites ({', '.join(r['sites'])}) × {r['positions']} "
+        f"positions × {r['d_model']} = {r['values']:,} values ({r['dtype']})")
     words = dict(_SETS)
     sets = ", ".join(f"{n} {words[k]}" for k, n in s["prompt_sets"].items()) or "none"
-    print(f"  prompt sets: {sets}")
+    out(f"  prompt sets: {sets}")
     env = s["environment"]
-    print(f"  environment: torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}, "
-          f"{env.get('device', '?')}, {env.get('torch_num_threads', '?')} thread(s); {env.get('batch_layout', '')}"
-          .rstrip("; "))
+    out(f"  environment: torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}, "
+        f"{env.get('device', '?')}, {env.get('torch_num_threads', '?')} thread(s); {env.get('batch_layout', '')}"
+        .rstrip("; "))
     if s["beside"]:
-        print(f"  beside it: {', '.join(Path(q).name for q in s['beside'])}")
-    return 0
+        out(f"  beside it: {', '.join(Path(q).name for q in s['beside'])}")
+    return "\n".join(lines)

@@ -22,7 +22,16 @@ from typing import Any
 from PySide6.QtCore import QObject, Signal
 
 from engine.bundle import open_bundle
+from engine.errors import ForensicsError
 from workbench.worker import EngineRunner
+
+#: where ``forensics demo`` (and ``forensics cf/cca --out NAME.cf.json / NAME.cca.json``) put a bundle's results:
+#: beside it, named after it.  Opening a bundle attaches the ones found there that belong to it.
+SAVED_SUFFIXES = (".cf.json", ".cca.json")
+
+
+class ResultFileError(ForensicsError):
+    """A file given as a saved CF / CCA result (or certificate) that is not one, or belongs to another bundle."""
 
 
 class Session(QObject):
@@ -55,6 +64,80 @@ class Session(QObject):
         self.bundle_opened.emit(bundle)
         self.status.emit(f"Opened {self.path.name}")
         return bundle
+
+    def saved_results(self) -> list[Path]:
+        """The result files beside the open bundle that are named after it (``NAME.cf.json``, ``NAME.cca.json``)."""
+        if self.path is None:
+            return []
+        stem = self.path.name[:-3] if self.path.name.endswith(".h5") else self.path.stem
+        return [q for q in (self.path.with_name(stem + suf) for suf in SAVED_SUFFIXES) if q.is_file()]
+
+    def load_saved_results(self) -> list[str]:
+        """Attach the saved results beside the bundle that belong to it; what was loaded, in words (a file that is
+        not a result of this bundle is skipped and said so in the status bar, never attached)."""
+        loaded, skipped = [], []
+        for q in self.saved_results():
+            try:
+                kinds = self.load_result(q)
+            except ResultFileError as exc:
+                skipped.append(f"{q.name} ({exc})")
+            else:
+                loaded.append(f"{' and '.join(k.upper() for k in kinds)} from {q.name}")
+        if loaded or skipped:
+            self.status.emit("; ".join(([f"Loaded saved {', '.join(loaded)}"] if loaded else []) +
+                                       ([f"not loaded: {', '.join(skipped)}"] if skipped else [])))
+        return loaded
+
+    def load_result(self, path: str | Path) -> list[str]:
+        """Attach a saved result to the open bundle: a CF result (``forensics cf --out``), a CCA result (``forensics
+        cca --out``) or a certificate JSON (its CCA and CF sections).  Returns the kinds attached (``"cf"``,
+        ``"cca"``).  Raises :class:`ResultFileError` for a file that is not one, or one of another incident."""
+        import json
+
+        from engine.cca import SCHEMA as CCA_SCHEMA
+        from engine.cca import CCAResult
+        from engine.certificate import CERT_SCHEMA
+        from engine.cf import CFResult
+
+        p = Path(path)
+        if self.bundle is None:
+            raise ResultFileError("open a bundle first: a result is shown with the incident it belongs to")
+        try:
+            doc = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ResultFileError(f"cannot read {p.name}: {getattr(exc, 'strerror', None) or exc}") from None
+        except ValueError as exc:
+            raise ResultFileError(f"{p.name} is not JSON ({exc})") from None
+        schema = doc.get("schema") if isinstance(doc, dict) else None
+        parts: list[tuple[str, dict]] = []
+        if schema == CFResult.SCHEMA:
+            parts = [("cf", doc)]
+        elif schema == CCA_SCHEMA:
+            parts = [("cca", doc)]
+        elif schema == CERT_SCHEMA:
+            uuid = (doc.get("incident") or {}).get("bundle_uuid", "")
+            if uuid != self.bundle.uuid:
+                raise ResultFileError(f"{p.name} certifies another incident (bundle {uuid or 'unknown'}, not "
+                                      f"{self.bundle.uuid})")
+            parts = [(k, {**doc[k], "bundle_uuid": uuid}) for k in ("cf", "cca") if isinstance(doc.get(k), dict)]
+        else:
+            raise ResultFileError(f"{p.name} is not a CF result, CCA result or certificate (schema {schema!r})")
+        results = []
+        for kind, d in parts:
+            try:
+                res = (CFResult if kind == "cf" else CCAResult).from_dict(d)
+            except ForensicsError as exc:
+                raise ResultFileError(f"{p.name}: {exc}") from None
+            uuid = getattr(res, "bundle_uuid", "") or ""
+            if uuid != self.bundle.uuid:
+                raise ResultFileError(f"{p.name} is the {kind.upper()} result of another incident (bundle "
+                                      f"{uuid or 'not named'}, not {self.bundle.uuid})")
+            results.append((kind, res))
+        if not results:
+            raise ResultFileError(f"{p.name} holds no CF or CCA result")
+        for kind, res in results:
+            (self.set_cf if kind == "cf" else self.set_cca)(res)
+        return [k for k, _ in results]
 
     def close(self) -> None:
         if self.bundle is None:
