@@ -15,7 +15,9 @@ indices) plus an *operation*:
            untouched and reported in :attr:`SetResult.unaligned`.
 ``scale``  multiply by ``value``.
 ``set``    replace by ``values`` (one vector, broadcast over positions; for ``head`` with several heads a vector
-           of ``d_head`` values is broadcast over the heads too).
+           of ``d_head`` values is broadcast over the heads too, or give ``len(indices) * d_head`` values).
+
+Several interventions of one set on the same site apply in the set's order, each to the previous one's result.
 
 A :class:`InterventionSet` is applied as a whole in one replay. :func:`evaluate` runs many sets as rows of one
 batch (``chunk_size`` rows per forward) and reports for each the failure predicate, the continuous metric (larger =
@@ -258,32 +260,32 @@ class InterventionSet:
 
 
 def validate_for(handle: ModelHandle, sets: Iterable[InterventionSet], n_positions: int | None = None) -> None:
-    """Check every intervention against the model's shape (layers, heads, neurons, dims, value lengths)."""
+    """Check every intervention against the model's shape (layers, heads, neurons, dims, value lengths) and, with
+    ``n_positions``, its positions."""
+    n_layers, d_head = handle.n_layers, handle.d_head  # looked up once: this runs on every (generation) forward
+    limits = {"head": (handle.n_heads, "head"), "neuron": (handle.d_mlp, "neuron")}
+    dims = (handle.d_model, "dimension")
     for s in sets:
         for iv in s.interventions:
-            where = f"{s.name + ': ' if s.name else ''}{iv.describe()}"
-            if iv.layer >= handle.n_layers:
-                raise InterventionError(f"{where}: layer {iv.layer} out of range (model has {handle.n_layers} blocks)")
-            if iv.component == "head":
-                limit, what = handle.n_heads, "head"
-            elif iv.component == "neuron":
-                limit, what = handle.d_mlp, "neuron"
-            else:
-                limit, what = handle.d_model, "dimension"
+            def where() -> str:
+                return f"{s.name + ': ' if s.name else ''}{iv.describe()}"
+            if iv.layer >= n_layers:
+                raise InterventionError(f"{where()}: layer {iv.layer} out of range (model has {n_layers} blocks)")
+            limit, what = limits.get(iv.component, dims)
             if iv.indices and iv.indices[-1] >= limit:
-                raise InterventionError(f"{where}: {what} index {iv.indices[-1]} out of range (0..{limit - 1})")
+                raise InterventionError(f"{where()}: {what} index {iv.indices[-1]} out of range (0..{limit - 1})")
             if n_positions is not None and iv.positions != "all" and iv.positions[-1] >= n_positions:
-                raise InterventionError(f"{where}: position {iv.positions[-1]} out of range (input has "
+                raise InterventionError(f"{where()}: position {iv.positions[-1]} out of range (input has "
                                         f"{n_positions} tokens)")
             if iv.op == "set":
                 n = len(iv.values)
                 if iv.component == "head":
-                    ok = (handle.d_head, len(iv.indices) * handle.d_head)
+                    ok = (d_head, len(iv.indices) * d_head)
                 else:
                     ok = (len(iv.indices) if iv.indices else limit,)
                 if n not in ok:
-                    raise InterventionError(f"{where}: 'set' needs {' or '.join(map(str, sorted(set(ok))))} values, "
-                                            f"got {n}")
+                    raise InterventionError(f"{where()}: 'set' needs {' or '.join(map(str, sorted(set(ok))))} "
+                                            f"values, got {n}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -417,6 +419,12 @@ def _make_hook(handle: ModelHandle, layer: int, comp: str, rows: list[tuple[int,
     """The hook applying ``rows`` at one site.  ``offset``: absolute position of the tensor's first position (> 0
     when a cached prefix is reused: the hook then sees only positions ``offset..``)."""
     shape = _site_shape(handle, comp)
+    if any(iv.op == "patch" for _, iv in rows):
+        # Fetch the donor now, before the hook is installed: a lazy donor (a bundle's counterpart prompt) runs the
+        # model, and run from inside this hook it would re-enter the hook (RecursionError) under the other hooks.
+        if sources is None:
+            raise InterventionError(f"L{layer}.{comp}: op 'patch' needs activation sources (a bundle)")
+        sources.donor(layer, comp, shape)
 
     def fn(t: torch.Tensor) -> torch.Tensor:
         out = t.clone()
@@ -490,6 +498,14 @@ def _restore_blocks(handle: ModelHandle, saved: list) -> None:
         blocks[i] = m
 
 
+def _check_start_layer(handle: ModelHandle, start_layer: Any) -> int:
+    if isinstance(start_layer, bool) or not isinstance(start_layer, (int, np.integer)) \
+            or not 0 <= start_layer < handle.n_layers:
+        raise InterventionError(f"start_layer must be \"auto\", None or a block index 0..{handle.n_layers - 1}, "
+                                f"got {start_layer!r}")
+    return int(start_layer)
+
+
 def start_layer_for(sets: Sequence[InterventionSet]) -> int:
     """The lowest layer any intervention of ``sets`` touches (0 if none; a set with no interventions is free)."""
     layers = [s.min_layer for s in sets if s.min_layer is not None]
@@ -523,6 +539,8 @@ def run_with_interventions(handle: ModelHandle, input_ids: torch.Tensor, sets: S
     rows = len(sets)
     if rows == 0:
         raise InterventionError("no intervention sets to run")
+    validate_for(handle, sets)  # indices and 'set' lengths (positions past the input are for generated tokens)
+    _check_start_layer(handle, start_layer)
     ids = input_ids if input_ids.dim() == 2 else input_ids[None]
     if ids.shape[0] == 1 and rows > 1:
         ids = ids.expand(rows, -1)
@@ -795,7 +813,9 @@ def evaluate_ids(handle: ModelHandle, ctx: EvalContext, sets: Sequence[Intervent
     """:func:`evaluate` on an :class:`EvalContext` (no bundle file needed)."""
     t0 = time.perf_counter()
     sets = list(sets)
-    validate_for(handle, sets)
+    validate_for(handle, sets, int(ctx.input_ids.shape[0]))
+    if start_layer not in ("auto", None):
+        _check_start_layer(handle, start_layer)
     if chunk_size < 1:
         raise InterventionError("chunk_size must be >= 1")
     names = _label_names(handle)

@@ -246,9 +246,14 @@ def test_batched_equals_sequential(tiny):
                                   for c in COMPONENTS for op in ("zero", "mean", "patch") for L in (0, 1)]
     sets.append(InterventionSet(tuple(_iv(model, c, "scale", 0) for c in COMPONENTS), "combo"))
     batched = run_with_interventions(handle, ids, sets, sources=sources)
+    worst, same = 0.0, 0
     for r, s in enumerate(sets):
         seq = run_with_interventions(handle, ids, [s], sources=sources)
         assert (batched[r] - seq[0]).abs().max().item() < 1e-5, s.name
+        worst = max(worst, (batched[r] - seq[0]).abs().max().item())
+        same += torch.equal(batched[r], seq[0])
+    print(f"{family} batched rows={len(sets)} vs each set alone: max_abs_logit_diff={worst:.3g} "
+          f"bit_identical_rows={same}/{len(sets)}")
     assert torch.equal(run_with_interventions(handle, ids, [InterventionSet()])[0], _plain_logits(model, ids)[0])
 
 
@@ -457,3 +462,105 @@ def test_bundle_prefix_reuse_matches_full(injection):
     assert diff < 1e-4
     assert [x.failing for x in fast.results] == [y.failing for y in full.results]
     assert any(not x.failing for x in fast.results)  # some edit mattered (zeroing the residual stream)
+
+
+# ----- bad input is a named InterventionError on every entry point -----------------------------------------------
+def _gpt2_inner():
+    """GPT-2 with d_mlp = 24 != 4 * d_model (n_inner set)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=16, n_head=2, n_inner=24, n_positions=32, vocab_size=50, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0)
+    return ModelHandle(model=GPT2LMHeadModel(cfg).eval(), tokenizer=None)
+
+
+def test_bad_indices_values_positions_start_layer_are_intervention_errors():
+    """run_with_interventions / generate_with_interventions / evaluate_ids check indices, 'set' lengths, positions
+    and the start layer themselves (an out-of-range head was an IndexError, a wrong 'set' length a RuntimeError, a
+    position past the input silently did nothing, start_layer=-1 silently ran from the embedding)."""
+    from engine.interventions import EvalContext, evaluate_ids
+
+    handle = _gpt2_inner()
+    assert handle.d_mlp == 24
+    ids = _ids()
+    ok = InterventionSet((Intervention(0, "neuron", (1,), "zero", indices=(23,)),))
+    run_with_interventions(handle, ids, [ok])
+    bad = {"head index 2 out of range": Intervention(0, "head", (1,), "zero", indices=(2,)),
+           "neuron index 24 out of range": Intervention(0, "neuron", (1,), "zero", indices=(24,)),
+           "dimension index 16 out of range": Intervention(1, "resid_pre", (1,), "scale", indices=(16,), value=2.0),
+           "'set' needs 16 values, got 2": Intervention(0, "mlp", (1,), "set", values=(1.0, 2.0)),
+           "'set' needs 8 or 16 values, got 3": Intervention(0, "head", (1,), "set", indices=(0, 1),
+                                                             values=(1.0, 2.0, 3.0))}
+    for words, iv in bad.items():
+        sets = [InterventionSet(), InterventionSet((iv,))]
+        for call in (lambda: run_with_interventions(handle, ids, sets),
+                     lambda: generate_with_interventions(handle, ids, sets, 2)):
+            with pytest.raises(InterventionError, match=words) as exc:
+                call()
+            assert "\n" not in str(exc.value)
+    ctx = EvalContext(input_ids=ids[0], n_prompt=N_POS, kind="token", target_index=5,
+                      resid_pre=lambda L: torch.zeros(N_POS, 16))
+    with pytest.raises(InterventionError, match="position 6 out of range"):
+        evaluate_ids(handle, ctx, [InterventionSet((Intervention(1, "mlp", (2, N_POS), "zero"),))])
+    for sl in (-1, 2, 1.5, True, "first"):
+        with pytest.raises(InterventionError, match="start_layer"):
+            evaluate_ids(handle, ctx, [InterventionSet((Intervention(1, "mlp", (2,), "zero"),))], start_layer=sl)
+        with pytest.raises(InterventionError, match="start_layer"):
+            run_with_interventions(handle, ids, [InterventionSet()], start_layer=sl, start_resid=torch.zeros(N_POS, 16))
+
+
+def test_make_hook_fetches_a_lazy_donor_before_the_forward():
+    """A lazy donor (as a bundle's: the counterpart prompt run through the model on first use) used through
+    ``_make_hook`` (engine/cca.py builds its hooks with it) was first run from inside the hook, re-entering the hook:
+    RecursionError. It is now fetched when the hook is made."""
+    from engine.hooks import capture, site_hooks
+    from engine.interventions import _make_hook
+
+    model = _gpt2()
+    handle = ModelHandle(model=model, tokenizer=None)
+    ids = _ids()
+    donor_ids = ids.flip(-1)
+    state: dict = {}
+
+    def donor(layer, comp):
+        if "acts" not in state:
+            with capture(handle, [(i, c) for i in range(2) for c in COMPONENTS]) as acts:
+                model(input_ids=donor_ids)
+            state["acts"] = {k: v[0] for k, v in acts.items()}
+        return state["acts"][(layer, comp)]
+
+    iv = Intervention(1, "resid_pre", (2, 4), "patch")
+    src = ActivationSources(donor=donor)
+    fns = {(1, "resid_pre"): [_make_hook(handle, 1, "resid_pre", [(0, iv)], src, {})]}
+    with site_hooks(handle, fns):
+        got = _plain_logits(model, ids)
+    ref_donor = _capture_plain("gpt2", model, donor_ids, ("resid_pre",))[(1, "resid_pre")]
+
+    def edit(t):
+        t = t.clone()
+        t[:, [2, 4]] = ref_donor[[2, 4]]
+        return t
+    hs = _ref_install("gpt2", model, 1, "resid_pre", edit)
+    try:
+        want = _plain_logits(model, ids)
+    finally:
+        for h in hs:
+            h.remove()
+    assert torch.equal(got, want)
+
+
+def test_interventions_on_one_site_apply_in_set_order():
+    model = _gpt2()
+    handle = ModelHandle(model=model, tokenizer=None)
+    ids = _ids()
+
+    def run(*ivs):
+        return run_with_interventions(handle, ids, [InterventionSet(ivs)])[0]
+    set1 = Intervention(0, "neuron", (2,), "set", indices=(3,), values=(1.0,))
+    twice = Intervention(0, "neuron", (2,), "scale", indices=(3,), value=2.0)
+    assert torch.equal(run(set1, twice), run(Intervention(0, "neuron", (2,), "set", indices=(3,), values=(2.0,))))
+    assert torch.equal(run(twice, set1), run(set1))
+    assert torch.equal(run(twice, Intervention(0, "neuron", (2, 4), "scale", indices=(3,), value=3.0)),
+                       run(Intervention(0, "neuron", (2,), "scale", indices=(3,), value=6.0),
+                           Intervention(0, "neuron", (4,), "scale", indices=(3,), value=3.0)))
