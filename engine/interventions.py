@@ -226,7 +226,11 @@ class InterventionSet:
                 raise InterventionError(f"unknown intervention-set keys {sorted(extra)}; allowed: name, interventions")
             if "interventions" not in obj or not isinstance(obj["interventions"], list):
                 raise InterventionError("an intervention set needs \"interventions\": a list of objects")
-            items, nm = obj["interventions"], obj.get("name", name) or ""
+            items, nm = obj["interventions"], obj.get("name", name)
+            if nm is None:
+                nm = ""
+            if not isinstance(nm, str):
+                raise InterventionError(f"an intervention set's \"name\" must be a string, got {type(nm).__name__}")
         else:
             raise InterventionError(f"an intervention set must be a JSON object or list, got {type(obj).__name__}")
         out = []
@@ -235,7 +239,7 @@ class InterventionSet:
                 out.append(Intervention.from_dict(d))
             except InterventionError as exc:
                 raise InterventionError(f"intervention #{k}: {exc}") from None
-        return cls(tuple(out), str(nm))
+        return cls(tuple(out), nm)
 
     @classmethod
     def _from_fix_set(cls, obj: Mapping, name: str) -> "InterventionSet":

@@ -310,6 +310,10 @@ def test_json_roundtrip_and_validation():
             InterventionSet.from_json(json.dumps([bad]))
     with pytest.raises(InterventionError, match="JSON"):
         InterventionSet.from_json("{nope")
+    ok = {"layer": 0, "component": "mlp", "op": "zero"}
+    with pytest.raises(InterventionError, match="name"):     # was stringified to "7"
+        InterventionSet.from_json(json.dumps({"name": 7, "interventions": [ok]}))
+    assert InterventionSet.from_json(json.dumps({"name": None, "interventions": [ok]})).name == ""
 
 
 # ----- on the shipped gpt2-prompt-injection model ----------------------------------------------------------------
