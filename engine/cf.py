@@ -622,6 +622,28 @@ def _forward_sites(handle, prompt: str, keys: list[SiteKey]) -> dict[SiteKey, np
     return {k: v[0].float().numpy() for k, v in acts.items()}
 
 
+def _nonfinite_text(x: np.ndarray) -> str:
+    """``""`` when ``x`` ``[pos, d]`` is finite, else how many values are NaN/inf and at which positions."""
+    bad = ~np.isfinite(np.asarray(x, dtype=np.float64))
+    if not bad.any():
+        return ""
+    pos = np.flatnonzero(bad.any(axis=1)).tolist()
+    where = ", ".join(str(p) for p in pos[:8]) + (f" and {len(pos) - 8} more" if len(pos) > 8 else "")
+    kinds = " and ".join(k for k, m in (("NaN", np.isnan(x).any()), ("inf", np.isinf(x).any())) if m)
+    return (f"{int(bad.sum())} non-finite value{'s' if bad.sum() != 1 else ''} ({kinds}) at "
+            f"position{'s' if len(pos) != 1 else ''} {where}")
+
+
+def _check_benign_finite(acts: Mapping[SiteKey, np.ndarray], which: str, n: int, total: int, prompt: str) -> None:
+    """Refuse a benign run whose activations are not finite (a baseline of NaN centres scores nothing)."""
+    for (layer, site), x in acts.items():
+        bad = _nonfinite_text(x)
+        if bad:
+            short = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+            raise CFError(f"{which} benign prompt {n} of {total} ({short!r}) gives activations that are not finite "
+                          f"at L{layer} {site} ({bad}): a CF baseline needs finite benign activations")
+
+
 def _standardise_roles(sb: SiteBaseline, x: np.ndarray, roles: Sequence[str], fold: int) -> np.ndarray:
     """``x`` ``[pos, d]`` standardised per position with its role's centre/scale of cross-fitting ``fold``."""
     z = np.empty(x.shape, dtype=np.float32)
@@ -904,8 +926,8 @@ def build_baseline(handle, prompts: Sequence[str], *, statistic: str | Sequence[
     compresses, every token costs the same whole number of bytes and the statistic cannot tell tokens apart.
 
     Raises:
-        CFError: fewer than 4 prompts, an unknown statistic/compressor, or only ``"bits"`` asked of a model too
-            narrow for it.
+        CFError: fewer than 4 prompts, an unknown statistic/compressor, only ``"bits"`` asked of a model too
+            narrow for it, or a benign prompt whose activations are not finite (NaN/inf: named with the site).
         BaselineError: cancelled (nothing half-built is returned).
     """
     stats = (statistic,) if isinstance(statistic, str) else tuple(statistic)
@@ -932,6 +954,7 @@ def build_baseline(handle, prompts: Sequence[str], *, statistic: str | Sequence[
         if _cancelled(cancel):
             raise BaselineError("baseline build cancelled")
         runs.append(_forward_sites(handle, p, keys))
+        _check_benign_finite(runs[-1], "reference", n + 1, len(prompts), p)
         if progress:
             progress(n + 1, total, "baseline: benign reference runs")
     lengths = [r[keys[0]].shape[0] for r in runs]
@@ -968,6 +991,7 @@ def build_baseline(handle, prompts: Sequence[str], *, statistic: str | Sequence[
             if _cancelled(cancel):
                 raise BaselineError("baseline build cancelled")
             acts = _forward_sites(handle, p, keys)
+            _check_benign_finite(acts, "held-out", n + 1, len(heldout), p)
             for st in stats:
                 sc = [score_site(base, key, acts[key], acts[key].shape[0], st) for key in keys]
                 k = sum(s.flagged for s in sc)
@@ -999,7 +1023,8 @@ def token_scores(base: Baseline, key: SiteKey, x: np.ndarray, n_prompt: int, sta
     """Token score ``[pos]`` and raw statistic ``[pos]`` of one site's activation ``x`` ``[pos, d_model]``.
 
     Raises:
-        CFError: the baseline lacks the site or the statistic, or ``x`` has the wrong shape.
+        CFError: the baseline lacks the site or the statistic, or ``x`` has the wrong shape or non-finite values
+            (NaN/inf would give a NaN score that is never flagged; the error names the positions).
     """
     sb = base.sites_data.get(key)
     if sb is None:
@@ -1009,6 +1034,9 @@ def token_scores(base: Baseline, key: SiteKey, x: np.ndarray, n_prompt: int, sta
     x = np.asarray(x)
     if x.ndim != 2 or x.shape[1] != base.d_model:
         raise CFError(f"activation of {key} has shape {tuple(x.shape)}; expected [positions, {base.d_model}]")
+    bad = _nonfinite_text(x)
+    if bad:
+        raise CFError(f"the activation of L{key[0]} {key[1]} has {bad}: CF scores finite activations only")
     roles = [r if r in sb.roles else "body" for r in position_roles(x.shape[0], n_prompt)]
     stat = _site_statistic(sb, x, roles, statistic, base.compressor, base.levels,
                            base.length_fold.get(int(n_prompt)))
@@ -1291,7 +1319,12 @@ def bundle_prompts(bundle) -> tuple[list[str], list[str]]:
 
 def baseline_for_bundle(bundle, handle, *, statistic: str = DEFAULT_STATISTIC, compressor: str = DEFAULT_COMPRESSOR,
                         progress: Progress | None = None, cancel: threading.Event | None = None) -> Baseline:
-    """A cached baseline that fits (same weights, statistic, prompts) or a freshly built and cached one."""
+    """A cached baseline that fits (same weights, statistic, prompts) or a freshly built and cached one.
+
+    Raises:
+        CFError: the bundle has no benign reference prompts (or :func:`build_baseline`'s errors).
+        BaselineError: ``handle`` is not the bundle's model (checked before building anything).
+    """
     prompts, heldout = bundle_prompts(bundle)
     if not prompts:
         raise CFError("the bundle has no benign reference prompts: re-record it with --benign-file, or build a "
@@ -1307,6 +1340,10 @@ def baseline_for_bundle(bundle, handle, *, statistic: str = DEFAULT_STATISTIC, c
                 continue
             if _fits(base, sha, statistic, prompts, heldout, compressor):
                 return base
+    if handle.weights_sha256() != sha:  # before the build: a baseline of another model would be built and cached
+        raise BaselineError(f"the model given is not the bundle's: weights sha256 {handle.weights_sha256()[:12]}… "
+                            f"does not match the bundle's {sha[:12]}…; a baseline built from it would score "
+                            f"another model's benign runs")
     base = build_baseline(handle, prompts, statistic=STATISTICS, heldout=heldout, compressor=compressor,
                           progress=progress, cancel=cancel)
     for p in paths:
