@@ -33,7 +33,9 @@ its prompt length belongs to, or, for a length no reference prompt has, under ev
 
 **Site score, p-value, threshold.** A ``(layer, site)`` is summarised by the maximum token score over the prompt
 positions; that aggregate is scored against the same (cross-fitted) aggregate of every benign reference prompt:
-robust z ``(A − median) / (1.4826 MAD)`` and the empirical ``p = (1 + #benign ≥ A) / (1 + n)``. The threshold is the
+robust z ``(A − median) / (1.4826 MAD)`` (that scale at least 0.1: token scores are z units) and the empirical
+``p = (1 + #benign ≥ A) / (1 + n)`` — a rank against the reference prompts, not a calibrated false-alarm probability
+for a new benign prompt (``docs/cf.md`` has how often held-out benign cells reach ``p <= 0.05``). The threshold is the
 97.5th percentile of the leave-one-out scores of the benign reference cells (never below 2); the share of held-out
 benign prompt × site cells it flags is then *measured* (``heldout_fpr``), never tuned on them.
 
