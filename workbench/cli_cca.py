@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 EXIT_OK, EXIT_MISSED, EXIT_USAGE, EXIT_ERROR = 0, 1, 2, 3
@@ -81,6 +82,30 @@ def _load_cf(args, bundle, handle):
         return None, f"unavailable ({exc})"
 
 
+def write_result(out: Path, text: str) -> None:
+    """Write ``text`` to ``out`` through a unique temporary file beside it (``.NAME.XXXXXXXX.tmp``, never a fixed
+    name another file could already have) and a rename, with the permissions of any new file. On an OS error the
+    temporary file is removed, ``out`` is left as it was, and the error names ``out`` (what the user asked for),
+    never the temporary name."""
+    from workbench.cli import user_path
+
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent))
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        mask = os.umask(0)  # mkstemp makes the file owner-only; a written result gets 0666 & ~umask
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+        os.replace(tmp, out)
+        tmp = None
+    except OSError as exc:  # whatever failed (the temporary file, the rename), writing ``out`` did
+        raise OSError(exc.errno, exc.strerror or str(exc), user_path(out)) from None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
 def _pct(x) -> str:
     return "n/a" if x is None else f"{x:.1%}"
 
@@ -114,10 +139,7 @@ def cmd_cca(args) -> int:
     d = res.to_dict()
     d["ranking"]["cf"] = cf_note
     if args.out:
-        out = Path(args.out)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(d, indent=1, allow_nan=False), encoding="utf-8")
-        os.replace(tmp, out)
+        write_result(Path(args.out), json.dumps(d, indent=1, allow_nan=False))
     ok = res.flipped and not res.failed_criteria()
     if args.json:
         print(json.dumps(d, allow_nan=False))
@@ -140,8 +162,9 @@ def cmd_cca(args) -> int:
     if d["flip_rate"] is None:
         print(f"  flip rate on held-out variants: {not_measured('flip_rate', res)}")
     else:
+        ci = d["flip_rate_ci"] or [None, None]
         print(f"  flip rate on held-out variants: {_pct(d['flip_rate'])} of {res.n_variants} "
-              f"(Wilson 95% {_pct(d['flip_rate_ci'][0])}–{_pct(d['flip_rate_ci'][1])})")
+              f"(Wilson 95% {_pct(ci[0])}–{_pct(ci[1])})")
     if d["sufficiency_rate"] is None:
         print(f"  sufficiency (failing activations into benign counterparts): {not_measured('sufficiency_rate', res)}")
     else:
