@@ -51,9 +51,9 @@ single-site results; ``docs/cca.md`` has the long form):
 
 **Position rule** (mapping the set's positions from the incident prompt to another prompt): an incident position
 ``p`` holding token ``t`` maps to the position of the other prompt that holds the same token ``t`` and is nearest to
-the *end-aligned* position ``q = p − n_incident + n_other``; when ``t`` does not occur there, to ``q`` itself
-(dropped when ``q < 0``). So a trigger token is followed wherever it sits, and structural positions (the last tokens)
-stay aligned from the end.
+the *end-aligned* position ``q = p − n_incident + n_other`` (of two equally near, the later one); when ``t`` does
+not occur there, to ``q`` itself (dropped when ``q < 0``). So a trigger token is followed wherever it sits, and
+structural positions (the last tokens) stay aligned from the end.
 
 **Greedy outcomes under a set, exactly and cheaply**: the unintervened greedy continuation of a prompt is generated
 once; a set's row is then first run teacher-forced on that continuation (plus EOS when it ended with one). If every
@@ -163,6 +163,12 @@ def _fl(x) -> float:
     return float("nan") if x is None else float(x)
 
 
+def _ci_json(ci) -> list[float] | None:
+    """An interval as JSON: ``[low, high]``, or ``null`` when it was not measured (no prompts to measure it on)."""
+    lo, hi = (_num(x) for x in ci)
+    return None if lo is None or hi is None else [lo, hi]
+
+
 @dataclass
 class CCAResult:
     """A fix set and the evidence for it (see the module docstring for every definition)."""
@@ -172,7 +178,7 @@ class CCAResult:
     baseline_metric: float
     fixed_metric: float
     flip_rate: float
-    flip_rate_ci: tuple[float, float]
+    flip_rate_ci: tuple[float, float]  # (nan, nan) when not measured (no failing variants): null in the JSON
     n_variants: int
     sufficiency_rate: float
     side_effect_rate: float
@@ -222,7 +228,7 @@ class CCAResult:
             "schema": SCHEMA, "bundle_uuid": self.bundle_uuid, "bundle_sha256": self.bundle_sha256, "op": self.op,
             "fix_set": [e.to_dict() for e in self.fix_set], "set_size": self.set_size, "flipped": bool(self.flipped),
             "baseline_metric": _num(self.baseline_metric), "fixed_metric": _num(self.fixed_metric),
-            "flip_rate": _num(self.flip_rate), "flip_rate_ci": [_num(x) for x in self.flip_rate_ci],
+            "flip_rate": _num(self.flip_rate), "flip_rate_ci": _ci_json(self.flip_rate_ci),
             "n_variants": self.n_variants, "sufficiency_rate": _num(self.sufficiency_rate),
             "n_sufficiency": self.n_sufficiency,
             "side_effect_rate": _num(self.side_effect_rate), "side_effect_kl": _num(self.side_effect_kl),
@@ -243,6 +249,8 @@ class CCAResult:
             raise CCAError(f"not a CCA result: schema {d.get('schema')!r}, expected {SCHEMA!r}")
         try:
             ci = d.get("flip_rate_ci") or [None, None]
+            if d.get("flip_rate") is None and not int(d.get("n_variants", 0)):
+                ci = [None, None]  # no variants: nothing is known (results written before null wrote [0, 1])
             return cls(
                 fix_set=[FixElement.from_dict(e) for e in d["fix_set"]], flipped=bool(d["flipped"]),
                 baseline_metric=_fl(d.get("baseline_metric")), fixed_metric=_fl(d.get("fixed_metric")),
@@ -1914,7 +1922,8 @@ def _variant_evidence(bundle, handle, inc: _Incident, fix, budget, res: CCAResul
     k = sum(flips.values())
     res.n_variants = n
     res.flip_rate = k / n if n else float("nan")
-    res.flip_rate_ci = stats.wilson_interval(k, n)
+    # no failing variant: no interval (the Wilson interval of 0/0 would be [0, 1], a number for "not measured")
+    res.flip_rate_ci = stats.wilson_interval(k, n) if n else (float("nan"), float("nan"))
     for it, o in zip(items, out):
         if it.baseline is None:
             it.baseline = o[0]
@@ -2032,11 +2041,13 @@ def _side_effect_evidence(bundle, handle, inc: _Incident, fix, budget, res: CCAR
                                           "token distribution after the prompt (the first generated token), nats"}
 
 
-def control_sets(fix: Sequence[Intervention], n_layers: int, n_prompt: int, n: int, seed: int,
-                 resid_post_last_only: bool = True, n_units: Mapping[str, int] | None = None) -> list[InterventionSet]:
+def control_sets(fix: Sequence[Intervention], n_layers: int, n_prompt: int, n: int, seed: int, *,
+                 n_units: Mapping[str, int] | None = None) -> list[InterventionSet]:
     """``n`` random sets of the same size and components as ``fix`` (random layers, random prompt positions of the
     same count, for heads / neurons random units of the same count out of ``n_units[component]``), each different
-    from ``fix`` itself."""
+    from ``fix`` itself. Every component, ``resid_post`` included, gets a random block out of all ``n_layers``
+    (``resid_post`` of block ``L < n_layers - 1`` is the same stream as ``resid_pre`` of ``L + 1``: a control of the
+    same shape all the same)."""
     rng = random.Random(seed)
     out = []
     own = sorted(_key(iv) for iv in fix)

@@ -660,7 +660,10 @@ def validate_certificate(doc: Any) -> None:
     cca = doc["cca"]
     ci = cca["flip_rate_ci"]
     fr = cca.get("flip_rate")
-    if fr is not None and None not in ci and not (ci[0] - 1e-9 <= fr <= ci[1] + 1e-9):
+    if fr is not None and (ci is None or None in ci):  # null: not measured (no variants); a rate has an interval
+        raise CertificateError(f"cca.flip_rate_ci: {ci!r}, but cca.flip_rate is measured ({fr}): a flip rate needs "
+                               "its Wilson interval")
+    if fr is not None and not (ci[0] - 1e-9 <= fr <= ci[1] + 1e-9):
         raise CertificateError(f"cca.flip_rate: {fr} lies outside its interval {ci}")
     if cca.get("set_size") is not None and cca["set_size"] != len(cca["fix_set"]):
         raise CertificateError(f"cca.set_size: {cca['set_size']} but fix_set has {len(cca['fix_set'])} elements")
@@ -1240,7 +1243,7 @@ def _verify_fix(doc, b, handle, claims: list[Claim], *, n_controls, progress, ca
                              f"{'necessary' if e_then['drop_one_failing'] else 'not necessary'}")
         claims.append(Claim("fix: 1-minimal", not diffs, "; ".join(diffs)[:400] if diffs else
                             f"1-minimal: {'yes' if new.one_minimal else 'no'}, as certified"))
-    lo, hi = cca["flip_rate_ci"]
+    lo, hi = cca.get("flip_rate_ci") or [None, None]  # null: no variants, nothing measured
     fr = _finite(new.flip_rate)
     if partial and _finite(cca.get("flip_rate")) is None:
         ok, detail = True, f"{stopped} (re-measured {_pct_nm(fr)} of {new.n_variants} variants)"

@@ -59,7 +59,7 @@ def results_table(res: dict) -> list[str]:
              "CCA wall |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, (code, _, d) in res.items():
-        lo, hi = d["flip_rate_ci"]
+        lo, hi = d["flip_rate_ci"] or [None, None]  # null: no failing variants
         failed = [k for k, c in d["criteria"].items() if not c["ok"]]
         lines.append(
             f"| `{name}` | {_set(d)} | {_pct(d['flip_rate'])} of {d['n_variants']} ({_pct(lo)}–{_pct(hi)}) | "
@@ -287,8 +287,8 @@ def render(bm: dict, res: dict, res_units: dict, sc: dict) -> str:
     w("")
     w("The fix set's positions are incident positions. On another prompt (variants, benign prompts, counterparts) an "
       "incident position `p` holding token `t` maps to the position of that prompt holding the same token `t` nearest "
-      "to the end-aligned position `q = p − n_incident + n_other`; when `t` does not occur, to `q` itself (dropped "
-      "when `q < 0`). A trigger token is followed wherever it sits (the BERT backdoor's `cf`, the Llama's `night`), "
+      "to the end-aligned position `q = p − n_incident + n_other` (of two equally near, the later one); when `t` does "
+      "not occur, to `q` itself (dropped when `q < 0`). A trigger token is followed wherever it sits (the BERT backdoor's `cf`, the Llama's `night`), "
       "structural positions (the last tokens, `Assistant:`) stay aligned from the end.")
     w("")
     w("## What each number means")
@@ -298,12 +298,15 @@ def render(bm: dict, res: dict, res_units: dict, sc: dict) -> str:
     w("| `flipped`, `baseline_metric` → `fixed_metric` | the incident no longer fails under the set (search metric, "
       "logits) |")
     w("| `drop_one_metric`, `drop_one_failing`, `single_metric` (per element) | the metric with this element removed "
-      "(and whether the incident fails again: the element is necessary) and with this element alone |")
+      "(and whether the rest no longer fixes the incident — it fails again, or its failing outcome is no longer "
+      "beaten by the fix margin: the element is necessary) and with this element alone |")
     w("| `flip_rate`, `flip_rate_ci`, `n_variants` | share of the scenario's held-out failing variants (those that "
-      "fail unintervened) that no longer fail under the position-mapped set; Wilson 95% interval |")
+      "fail unintervened) that no longer fail under the position-mapped set; Wilson 95% interval (`null`, like the "
+      "rate, when no variant fails unintervened) |")
     w("| `sufficiency_rate`, `n_sufficiency` | share of benign counterparts (incident's and variants', those that "
       "behave unintervened) that fail once the failing prompt's activations at the set's sites are written into "
-      "them |")
+      "them (sites mapped incident → failing prompt → counterpart by the position rule). The incident's own pair is "
+      "also what the search's specificity order checked, so it is not held out; the variants' pairs are |")
     w("| `side_effect_rate`, `side_effect_kl`, `side_effects` | share of held-out benign prompts whose output "
       "(greedy continuation / label) changes under the set; mean KL(baseline ‖ intervened) of the label distribution, or "
       "of the next-token distribution after the prompt (the first generated token; later tokens are compared by "
