@@ -295,3 +295,31 @@ def test_constant_benign_site_scores_a_benign_run_zero(tiny_distance_base):
     assert not x.any()
     s = cf.score_site(base, (0, "mlp"), x, x.shape[0], "distance")
     assert s.score == 0.0 and not s.flagged and s.p_value == 1.0
+
+
+def test_cli_says_when_the_site_threshold_is_the_floor_not_the_percentile(audit_bundle, capsys, monkeypatch,
+                                                                          tmp_path):
+    """The threshold is max(2, 97.5th percentile); at 2 the CLI said '2 (97.5th percentile of ...)'."""
+    import shutil
+
+    import h5py
+
+    from workbench.cli import main
+
+    monkeypatch.setenv("FORENSICS_CACHE", str(tmp_path))
+    path = tmp_path / "b.baseline.h5"
+    rc = main(["baseline", "build", str(audit_bundle), "--out", str(path)])
+    assert rc == 0
+    with h5py.File(path, "r") as f:
+        percentile = float(f["statistics/distance"].attrs["threshold"])
+    assert percentile > 2.0
+    rc = main(["cf", str(audit_bundle), "--baseline", str(path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and f"threshold {percentile:.3g} (97.5th percentile of leave-one-out benign reference scores)" in out
+    floored = shutil.copy(path, tmp_path / "floored.baseline.h5")
+    with h5py.File(floored, "r+") as f:
+        f["statistics/distance"].attrs["threshold"] = 2.0
+    rc = main(["cf", str(audit_bundle), "--baseline", str(floored)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "threshold 2 (the floor: the 97.5th percentile of leave-one-out benign reference scores is lower)" in out

@@ -91,6 +91,14 @@ def _site_fpr_words(fpr, n_heldout: int, label: str = "held-out benign false-pos
     return f"{label} {fpr:.1%} of prompt x site cells (target <= 5%{': MISSED' if fpr > 0.05 else ''})"
 
 
+def _threshold_words(threshold: float) -> str:
+    """Where the site threshold comes from: the 97.5th percentile, or the floor of 2 when that percentile is lower."""
+    from engine.cf import MIN_THRESHOLD, THRESHOLD_QUANTILE
+
+    q = f"{THRESHOLD_QUANTILE * 100:g}th percentile of leave-one-out benign reference scores"
+    return f"the floor: the {q} is lower" if threshold == MIN_THRESHOLD else q
+
+
 def _top_site(res) -> str:
     finite = [s for s in res.scores if math.isfinite(s.score)]
     if not finite:
@@ -170,7 +178,7 @@ def _print_cf(args, bundle, res, source: str, seconds: float) -> None:
     print(f"CF on {args.bundle} [{bundle.failure_spec}]  statistic={res.statistic}, compressor={res.compressor}")
     print(f"  baseline {res.baseline_id} ({source}): {res.n_baseline_prompts} benign reference prompts, "
           f"{res.n_heldout} held-out")
-    print(f"  threshold {res.threshold:.3g} (97.5th percentile of leave-one-out benign reference scores); "
+    print(f"  threshold {res.threshold:.3g} ({_threshold_words(res.threshold)}); "
           f"{_site_fpr_words(res.heldout_fpr, res.n_heldout)}")
     print(f"  {run_verdict_line(res)}")
     print("  per-layer anomaly score (robust z against the benign prompts; * = above the threshold):")
