@@ -1411,13 +1411,18 @@ def run_cf(bundle, handle=None, *, baseline: Baseline | None = None, statistic: 
 
     Raises:
         BaselineError: the baseline belongs to another model.
-        CFError: no benign prompts and no baseline; unknown statistic.
+        CFError: no benign prompts and no baseline; unknown statistic; ``"bits"`` for a model narrower than
+            ``MIN_BITS_DIM``.
     """
     t0 = time.perf_counter()
     statistic = statistic or DEFAULT_STATISTIC
     if statistic not in STATISTICS:
         raise CFError(f"unknown statistic {statistic!r}; expected one of {', '.join(STATISTICS)}")
     sha = bundle.model_info["weights_sha256"]
+    d_model = int(bundle.model_info.get("d_model") or 0)
+    if statistic == "bits" and 0 < d_model < MIN_BITS_DIM:  # before any baseline is looked for or built
+        raise CFError(f"the 'bits' statistic needs d_model >= {MIN_BITS_DIM} (this model has {d_model}): its "
+                      f"baselines hold 'distance' only; use --statistic distance")
     if baseline is None:
         if handle is None:
             from .replay import load_bundle_model

@@ -323,3 +323,22 @@ def test_cli_says_when_the_site_threshold_is_the_floor_not_the_percentile(audit_
     out = capsys.readouterr().out
     assert rc == 0
     assert "threshold 2 (the floor: the 97.5th percentile of leave-one-out benign reference scores is lower)" in out
+
+
+def test_bits_on_a_narrow_model_says_why_before_building_anything(capsys, monkeypatch, tmp_path):
+    """`forensics cf --statistic bits` on a d_model-16 incident rebuilt (and re-cached) a whole baseline on every call,
+    then said only "the baseline holds no 'bits' statistic (has distance)"."""
+    from engine.bundle import write_bundle
+    from engine.recorder import record_incident
+    from workbench.cli import main
+
+    monkeypatch.setenv("FORENSICS_CACHE", str(tmp_path / "cache"))
+    handle = _gpt2(width=16)
+    bundle = tmp_path / "narrow.h5"
+    write_bundle(bundle, record_incident(handle, TINY_PROMPT, "contains:the", benign_prompts=_sentences(6, 8),
+                                         max_new_tokens=2))
+    rc = main(["cf", str(bundle), "--statistic", "bits"])
+    err = capsys.readouterr().err
+    assert rc != 0 and err.strip() == ("error: the 'bits' statistic needs d_model >= 64 (this model has 16): its "
+                                       "baselines hold 'distance' only; use --statistic distance")
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["narrow.h5"]
