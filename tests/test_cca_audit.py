@@ -106,24 +106,36 @@ class PlainHooks:
                 x.remove()
         return got
 
+    def _cache(self, out) -> dict:
+        """The key/value cache of ``out`` as the keyword this transformers release takes (``cache``, or the older
+        ``past_key_values``)."""
+        import inspect
+
+        if "past_key_values" in inspect.signature(self.model.forward).parameters:
+            return {"past_key_values": out.past_key_values}
+        return {"cache": out.cache}
+
     @torch.no_grad()
     def generate(self, ids, max_new, edits=None):
-        """Greedy continuation (full recompute each step), and the log-probs of the first generated token."""
+        """Greedy continuation, and the log-probs of the first generated token. The prompt runs once with the edits
+        (they are all at prompt positions), each new token alone on its key/value cache without hooks."""
         hs = self._install(edits or {})
         try:
-            cur, new, first = list(ids), [], None
-            for _ in range(max_new):
-                logits = self.model(input_ids=torch.tensor([cur])).logits[0, -1].float()
-                if first is None:
-                    first = torch.log_softmax(logits, -1)
-                nxt = int(logits.argmax())
-                if nxt == self.tok.eos_token_id:
-                    break
-                new.append(nxt)
-                cur.append(nxt)
+            out = self.model(input_ids=torch.tensor([ids]), use_cache=True)
         finally:
             for x in hs:
                 x.remove()
+        logits = out.logits[0, -1].float()
+        first, new = torch.log_softmax(logits, -1), []
+        for step in range(max_new):
+            nxt = int(logits.argmax())
+            if nxt == self.tok.eos_token_id:
+                break
+            new.append(nxt)
+            if step == max_new - 1:
+                break
+            out = self.model(input_ids=torch.tensor([[nxt]]), **self._cache(out), use_cache=True)
+            logits = out.logits[0, -1].float()
         return self.tok.decode(new, skip_special_tokens=True), first
 
 
@@ -316,6 +328,11 @@ def test_no_variants_certificate_validates_and_verifies(no_variants):
     assert rep.failed == [], [(c.name, c.detail) for c in rep.failed]
     claims = {c.name: c for c in rep.claims}
     assert claims["fix: flip rate"].ok and claims["fix: flip rate"].checked
+    # a certificate written before the interval became null ([0, 1] beside a null rate) still validates and verifies
+    old = json.loads(json.dumps(doc))
+    old["cca"]["flip_rate_ci"] = [0.0, 1.0]
+    validate_certificate(old)
+    assert verify_certificate(old, path).failed == []
     # a measured flip rate whose interval is missing is an inconsistent certificate, named as such
     from engine.errors import CertificateError
     from engine.stats import wilson_interval
