@@ -288,7 +288,8 @@ def render(bm: dict, res: dict, res_units: dict, sc: dict) -> str:
     w("The fix set's positions are incident positions. On another prompt (variants, benign prompts, counterparts) an "
       "incident position `p` holding token `t` maps to the position of that prompt holding the same token `t` nearest "
       "to the end-aligned position `q = p − n_incident + n_other` (of two equally near, the later one); when `t` does "
-      "not occur, to `q` itself (dropped when `q < 0`). A trigger token is followed wherever it sits (the BERT backdoor's `cf`, the Llama's `night`), "
+      "not occur, to `q` itself (dropped when `q < 0`). A trigger token is followed wherever it sits (the BERT "
+      "backdoor's `cf`, the Llama's `night`), "
       "structural positions (the last tokens, `Assistant:`) stay aligned from the end.")
     w("")
     w("## What each number means")
