@@ -1858,6 +1858,13 @@ def _evidence(bundle, handle: ModelHandle, inc: _Incident, fix: list[Interventio
     if inc.gen_kind:
         g = inc.generate([InterventionSet(), S])
         ev["incident"].update(baseline_output=g[0]["output"], fixed_output=g[1]["output"])
+    else:  # label / token incidents: the label (next token) without and with the set, one forward of two rows
+        tt = inc.ctx.token_type_ids
+        item = _Item(inc.tf_ids.clone(), [InterventionSet(), S], inc.ctx.sources,
+                     None if tt is None else tt[:inc.tf_ids.shape[0]])
+        o = _run_items(handle, [item], bundle.failure, generate=False, max_new_tokens=bundle.max_new_tokens,
+                       budget=budget, target_index=inc.ctx.target_index, id2label=inc.id2label)[0]
+        ev["incident"].update(baseline_output=o[0]["output"], fixed_output=o[1]["output"])
     res = CCAResult(
         fix_set=elements, flipped=bool(flipped), baseline_metric=inc.baseline_metric, fixed_metric=tf[0].metric,
         flip_rate=nan, flip_rate_ci=(nan, nan), n_variants=0, sufficiency_rate=nan, side_effect_rate=nan,

@@ -441,3 +441,51 @@ def test_out_write_error_names_the_output_not_the_temporary(cli_cca, tmp_path, m
     assert str(out) in line and ".tmp" not in line, line
     assert out.read_text(encoding="utf-8") == "previous result"          # nothing lost
     assert sorted(p.name for p in tmp_path.iterdir()) == ["res.json"]   # no temporary left
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Label incidents: the incident's label without / with the set is in the evidence (as generation incidents' output)
+# ---------------------------------------------------------------------------------------------------------------
+def test_label_incident_evidence_names_the_label_before_and_after(minilm, tmp_path):
+    """A classifier incident: ``evidence.incident`` carries the label without and with the set (the CLI's
+    ``output:`` line and the certificate's "with the fix the model says" read it), equal to the argmax label a plain
+    hooked forward gives, for sets that flip the label and sets that do not."""
+    from engine.bundle import open_bundle, write_bundle
+    from engine.cca import evaluate_fix_set
+    from engine.interventions import Intervention
+    from engine.recorder import record_incident
+
+    h = minilm
+    prompt = "this movie was great , i loved it"
+    ids = h.tokenizer(prompt)["input_ids"]
+    def classify():
+        with torch.no_grad():
+            return h.model(input_ids=torch.tensor([ids]), attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
+                           token_type_ids=torch.zeros((1, len(ids)), dtype=torch.long)).logits[0]
+
+    logits = classify()
+    id2label = {int(k): v for k, v in h.model.config.id2label.items()}
+    label = id2label[int(logits.argmax())]
+    path = tmp_path / "label.h5"
+    write_bundle(path, record_incident(h, prompt, f"label:{label}"))
+    P = PlainHooks(h)
+    last = h.n_layers - 1
+    stream = P.capture(ids, [(last, "resid_post")])[(last, "resid_post")]
+    cases = [(factor, pos) for factor in (-1.0, 0.5, 3.0) for pos in (0, len(ids) - 1)]
+    flips = 0
+    with open_bundle(path) as b:
+        for factor, pos in cases:
+            iv = Intervention(last, "resid_post", (pos,), "scale", value=factor)
+            res = evaluate_fix_set(b, h, [iv], n_controls=0)
+            hs = P._install({(last, "resid_post"): [(pos, factor * stream[pos])]})
+            try:
+                lg = classify()
+            finally:
+                for x in hs:
+                    x.remove()
+            want = id2label[int(lg.argmax())]
+            ev = res.evidence["incident"]
+            assert (ev["baseline_output"], ev["fixed_output"]) == (label, want), (factor, pos)
+            assert res.flipped == (want != label and res.fixed_metric <= -1.0)
+            flips += want != label
+    assert 0 < flips < len(cases)
