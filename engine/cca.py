@@ -47,7 +47,7 @@ single-site results; ``docs/cca.md`` has the long form):
    whose output changes, mean KL of the next-token / label distribution), minimality (size, fraction of recorded
    activation values touched, 1-minimality), significance against random control sets of equal size and matching
    components (empirical p-value of the flip rate on the held-out failing variants), Benjamini–Hochberg q-values
-   across the claims, and the budget.
+   across the claims (each on prompts the set was not chosen on), and the budget.
 
 **Position rule** (mapping the set's positions from the incident prompt to another prompt): an incident position
 ``p`` holding token ``t`` maps to the position of the other prompt that holds the same token ``t`` and is nearest to
@@ -2003,7 +2003,9 @@ def _sufficiency_evidence(bundle, handle, inc: _Incident, fix, budget, res: CCAR
     res.evidence["sufficiency"] = {"n_pairs": len(pairs), "n_benign_baseline": len(benign),
                                    "n_recreated": len(recreated),
                                    "incident_pair_recreated": bool(out and not out[0][0]["failing"] and
-                                                                   out[0][1]["failing"]) if cps else None}
+                                                                   out[0][1]["failing"]) if cps else None,
+                                   # counted in n_sufficiency (its counterpart behaves benign unintervened)
+                                   "incident_pair_counted": bool(out and not out[0][0]["failing"]) if cps else None}
 
 
 def _side_effect_evidence(bundle, handle, inc: _Incident, fix, budget, res: CCAResult, progress) -> None:
@@ -2162,9 +2164,12 @@ def _control_evidence(bundle, handle, inc: _Incident, fix, budget, res: CCAResul
 
 def _fdr(res: CCAResult) -> None:
     ps: dict[str, float] = {}
-    if math.isfinite(res.p_value):
-        ps["flip_rate_vs_controls"] = res.p_value
     cev = res.evidence.get("controls") or {}
+    # every claim is on prompts the set was not chosen on: controls that fell back to the incident itself
+    # (no failing variants) make no claim, and the incident's own counterpart pair (which the search checked) is
+    # left out of the sufficiency claim
+    if math.isfinite(res.p_value) and bool(cev.get("held_out", True)):
+        ps["flip_rate_vs_controls"] = res.p_value
     # the controls' per-prompt flip rate, smoothed, from the first block (every control ran it); with no control
     # prompt run there is no measured rate, and the two claims against it are not made (no assumed rate stands in)
     c_rows = int(cev.get("first_block_rows") or 0)
@@ -2173,8 +2178,13 @@ def _fdr(res: CCAResult) -> None:
         k = round(res.flip_rate * res.n_variants)
         ps["variant_flip_rate_above_control_rate"] = stats.binomial_p_value(k, res.n_variants, c_rate, "greater")
     if res.n_sufficiency and c_rate is not None:
-        k = round(res.sufficiency_rate * res.n_sufficiency)
-        ps["sufficiency_above_control_rate"] = stats.binomial_p_value(k, res.n_sufficiency, c_rate, "greater")
+        k, n = round(res.sufficiency_rate * res.n_sufficiency), res.n_sufficiency
+        sev = res.evidence.get("sufficiency") or {}
+        if sev.get("incident_pair_counted"):   # results written before the key existed keep their claim as it was
+            n -= 1
+            k -= 1 if sev.get("incident_pair_recreated") else 0
+        if n > 0:
+            ps["sufficiency_above_control_rate"] = stats.binomial_p_value(k, n, c_rate, "greater")
     if res.n_benign:
         k = round(res.side_effect_rate * res.n_benign)
         ps["side_effects_below_5pct"] = stats.binomial_p_value(k, res.n_benign, TARGETS["side_effect_rate"], "less")

@@ -327,7 +327,9 @@ def render(bm: dict, res: dict, res_units: dict, sc: dict) -> str:
     w("| `fdr`, `evidence.claim_p_values` | Benjamini–Hochberg q-values (`scipy.stats.false_discovery_control`) over "
       "every claim: flip rate vs controls, variant flip rate and sufficiency above the controls' per-prompt flip rate "
       "(binomial; made only when control prompts were run, so that the rate is measured), side effects below 5% "
-      "(binomial) |")
+      "(binomial). Each claim is on prompts the set was not chosen on: no flip-rate-vs-controls claim when the "
+      "controls fell back to the incident, and the sufficiency claim leaves out the incident's own counterpart pair "
+      "(`evidence.sufficiency.incident_pair_counted`), which the search checked; `sufficiency_rate` itself counts it |")
     w("| `forward_passes`, `rows`, `seconds`, `evidence.passes_by_stage` | batched forward calls, sequences run "
       "(a batch row of a forward or of one generation step), wall time; per stage |")
     w("| `ranking` | method, candidate count, screening rounds, the selection table, Spearman of attribution vs "

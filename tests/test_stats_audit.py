@@ -66,3 +66,27 @@ def test_claims_against_the_control_rate_need_a_measured_control_rate():
     assert measured.evidence["claim_p_values"]["variant_flip_rate_above_control_rate"] == pytest.approx(want)
     assert set(measured.fdr) == {"flip_rate_vs_controls", "variant_flip_rate_above_control_rate",
                                  "sufficiency_above_control_rate", "side_effects_below_5pct"}
+
+
+def test_claims_leave_out_what_the_set_was_chosen_on():
+    # the search chose the set on the incident and checked it on the incident's own counterpart pair: controls that
+    # fell back to the incident (no failing variants) make no flip-rate claim, and the sufficiency claim is the
+    # held-out pairs' (40 pairs counted, the incident's among them: 39 held out, 38 of them recreated)
+    from engine.cca import _fdr
+
+    ctl = {"first_block_flips": 3, "first_block_rows": 200}
+    fell_back = _result(dict(ctl, held_out=False), 200, 1 / 201)
+    _fdr(fell_back)
+    assert "flip_rate_vs_controls" not in fell_back.fdr and "variant_flip_rate_above_control_rate" in fell_back.fdr
+    res = _result(dict(ctl, held_out=True), 200, 1 / 201)
+    res.sufficiency_rate = 39 / 40
+    res.evidence["sufficiency"] = {"incident_pair_counted": True, "incident_pair_recreated": True}
+    _fdr(res)
+    want = binomtest(38, 39, 4 / 201, alternative="greater").pvalue
+    assert res.evidence["claim_p_values"]["sufficiency_above_control_rate"] == pytest.approx(want)
+    assert "flip_rate_vs_controls" in res.fdr
+    only_own = _result(dict(ctl, held_out=True), 200, 1 / 201)
+    only_own.n_sufficiency = 1
+    only_own.evidence["sufficiency"] = {"incident_pair_counted": True, "incident_pair_recreated": True}
+    _fdr(only_own)
+    assert "sufficiency_above_control_rate" not in only_own.fdr
