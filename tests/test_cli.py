@@ -93,6 +93,18 @@ def test_info_summarises_the_bundle_from_the_file(recorded, tmp_path):
     assert_one_line_error(forensics("info", bad), "bad.h5")
 
 
+def test_a_reader_that_goes_away_does_not_change_the_answer(recorded):
+    # `forensics replay B | head -1`: the reader closes the pipe; the command still exits with its own answer
+    # (it was "error: Broken pipe" and exit 3, "an input that cannot be used"), and says nothing on stderr
+    for argv, want in ((("info", recorded), 0), (("replay", recorded), 0), (("replay", recorded, "--json"), 0)):
+        r, w = os.pipe()
+        os.close(r)                                  # every write to stdout fails with EPIPE
+        proc = subprocess.run([sys.executable, "-m", "workbench.cli", *map(str, argv)], stdout=w,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        os.close(w)
+        assert (proc.returncode, proc.stderr) == (want, ""), argv
+
+
 def test_the_recorded_batch_layout_is_the_one_the_incident_ran(tiny_gpt2):
     from engine.recorder import record_incident
 
@@ -121,6 +133,12 @@ def test_cca_without_enough_benign_runs_for_cf_searches_without_the_prior(model_
     assert "Compression Forensics is not available" in proc.stderr and "2" in proc.stderr
     d = json.loads(proc.stdout)
     assert d["ranking"]["cf"].startswith("unavailable") and d["forward_passes"] > 0
+    # no held-out prompt of any kind: the controls ran on the incident, so there is no claim for BH to adjust, and
+    # the text says so (it printed "BH q: " and nothing)
+    text = forensics("cca", inc, "--controls", "3", "--max-size", "1")
+    assert text.returncode in (0, 1), text.stderr
+    sig = [ln for ln in text.stdout.splitlines() if "significance:" in ln]
+    assert len(sig) == 1 and sig[0].endswith("BH q: no claim to adjust (none is measured on held-out prompts)"), sig
 
 
 def test_replay_of_a_tampered_activation_exits_1_and_names_it(recorded, tmp_path):

@@ -493,10 +493,62 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _PipeSafeStdout:
+    """``sys.stdout`` for the length of a command: when the reader goes away (``forensics info B | head -1``) the rest
+    of the output is dropped and the command still finishes and exits with its own answer (a ``BrokenPipeError``
+    was an "error: Broken pipe" and exit 3, "an input that cannot be used").  Later writes go to ``os.devnull``, so
+    the interpreter's final flush is quiet too."""
+
+    def __init__(self, stream) -> None:
+        self._stream, self.broken = stream, False
+
+    def _drop(self) -> None:
+        self.broken = True
+        try:
+            fd = self._stream.fileno()
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, fd)
+            os.close(null)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._drop()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._drop()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_transformers()
     from engine.errors import ForensicsError
 
+    stdout = sys.stdout
+    sys.stdout = _PipeSafeStdout(stdout)
+    try:
+        return _run(argv, ForensicsError)
+    finally:
+        if getattr(sys.stdout, "broken", None) is False:
+            try:
+                sys.stdout.flush()
+            except Exception:
+                pass
+        sys.stdout = stdout
+
+
+def _run(argv, ForensicsError) -> int:
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
