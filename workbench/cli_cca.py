@@ -182,8 +182,9 @@ def cmd_cca(args) -> int:
     else:
         on = ("" if (res.evidence.get("controls") or {}).get("held_out", True) else
               " (on the incident itself, which the set was chosen on: no held-out failing variants)")
-        print(f"  significance: p = {res.p_value:.4g} against {res.n_controls} random control sets{on}; "
-              f"BH q: " + ", ".join(f"{k} {v:.3g}" for k, v in res.fdr.items()))
+        qs = (", ".join(f"{k} {v:.3g}" for k, v in res.fdr.items()) if res.fdr else
+              "no claim to adjust (none is measured on held-out prompts)")
+        print(f"  significance: p = {res.p_value:.4g} against {res.n_controls} random control sets{on}; BH q: {qs}")
     rk = d["ranking"]
     if "candidates_evaluated" in rk:
         sp = rk.get("spearman_vs_exact")
