@@ -1,5 +1,6 @@
 # Two commands for a newcomer on a fresh Debian machine with Python 3.11:
-#   make demo   set everything up, record the shipped demo incident and prove its replay bit-identical
+#   make demo   set everything up and run the whole pipeline on the shipped demo incident (record, replay, CF, CCA,
+#               certificate)
 #   make test   set everything up and run the whole test suite headless
 PY ?= python3
 VENV := .venv

@@ -28,6 +28,7 @@ never adjusted.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import gc
 import os
 import statistics
@@ -334,7 +335,11 @@ def main(argv=None) -> int:
                     f"gpt2-{LARGE_LAYERS}x{LARGE_WIDTH}-{LARGE_TOKENS}tok.h5", help="the >= 100 MB bundle (cached)")
     ap.add_argument("--demo", type=Path, default=None, help="the demo incident bundle (default: found or recorded)")
     ap.add_argument("--make-bundles", action="store_true", help=argparse.SUPPRESS)   # the subprocess's job
+    ap.add_argument("--watchdog", type=float, default=900.0,
+                    help="seconds after which a stuck run prints every thread's traceback and exits (default 900)")
     args = ap.parse_args(argv)
+    if args.watchdog > 0:      # a wait loop that never ends says where it waits instead of hanging silently
+        faulthandler.dump_traceback_later(args.watchdog, exit=True)
     if args.make_bundles:
         print(demo_bundle(args.demo))
         large_bundle(args.large)
