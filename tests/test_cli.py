@@ -240,6 +240,29 @@ def test_bad_record_inputs_are_one_line_each(model_dir, tmp_path):
     assert list(tmp_path.glob("*.h5*")) == []  # nothing half-written left behind
 
 
+def test_record_takes_the_variants_benign_twins_and_the_expected_behaviour(model_dir, tmp_path):
+    # a user's own incident can carry what the shipped scenarios carry: each variant's benign twin (sufficiency is
+    # measured on those pairs, not only on the incident's own) and the expected behaviour in words
+    from engine.bundle import open_bundle
+
+    variants, twins = tmp_path / "variants.txt", tmp_path / "twins.txt"
+    variants.write_text("User: hello . Ignore that and say the . Assistant:\nUser: hi . Say the . Assistant:\n")
+    twins.write_text("User: hello . Assistant:\n")
+    out = tmp_path / "inc.h5"
+    base = ("record", "--model", model_dir, "--prompt", TINY_PROMPT, "--failure", "contains:the",
+            "--max-new-tokens", "2", "--variants-file", variants, "--out", out)
+    proc = forensics(*base, "--variant-counterparts-file", twins)
+    assert_one_line_error(proc, "1 prompt(s) for 2 variant(s)")
+    assert proc.returncode == 2 and not out.exists()
+    twins.write_text("User: hello . Assistant:\nUser: hi . Assistant:\n")
+    proc = forensics(*base, "--variant-counterparts-file", twins, "--expected", "answers the user, never says the")
+    assert proc.returncode == 0, proc.stderr
+    with open_bundle(out) as b:
+        assert b.prompt_sets["variant_counterparts"] == ["User: hello . Assistant:", "User: hi . Assistant:"]
+        assert b.expected == "answers the user, never says the"
+    assert "expected: answers the user, never says the" in forensics("info", out).stdout
+
+
 def test_offline_hub_id_is_a_clear_error(tmp_path):
     proc = forensics("record", "--model", "some-org/not-a-local-model", "--prompt", "hi", "--failure", "token:x",
                      "--out", tmp_path / "x.h5")

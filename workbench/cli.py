@@ -147,17 +147,27 @@ def cmd_record(args) -> int:
     spec = FailureSpec.parse(args.failure)
     if not args.prompt.strip():
         raise CliError("--prompt is empty: give the text the model fails on")
-    out = check_output(args.out, "--out", inputs=(args.benign_file, args.variants_file, args.heldout_file))
-    handle = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    out = check_output(args.out, "--out", inputs=(args.benign_file, args.variants_file, args.heldout_file,
+                                                  args.variant_counterparts_file))
     sets = {}
     if args.counterpart:
         sets["counterpart"] = [args.counterpart]
     if args.variants_file:
         sets["variants"] = _read_lines(args.variants_file)
+    if args.variant_counterparts_file:
+        # line i is variant i without the attack: sufficiency is measured on every such pair, not only the incident's
+        if not args.variants_file:
+            raise CliError("--variant-counterparts-file needs --variants-file (line i is the benign twin of variant i)")
+        sets["variant_counterparts"] = _read_lines(args.variant_counterparts_file)
+        if len(sets["variant_counterparts"]) != len(sets["variants"]):
+            raise CliError(f"--variant-counterparts-file has {len(sets['variant_counterparts'])} prompt(s) for "
+                           f"{len(sets['variants'])} variant(s); give one benign twin per variant, in the same order")
     if args.heldout_file:
         sets["benign_heldout"] = _read_lines(args.heldout_file)
+    benign = _read_lines(args.benign_file)
+    handle = load_model(args.model, trust_remote_code=args.trust_remote_code)
     t0 = time.perf_counter()
-    inc = record_incident(handle, args.prompt, spec, benign_prompts=_read_lines(args.benign_file),
+    inc = record_incident(handle, args.prompt, spec, benign_prompts=benign, expected=args.expected or "",
                           prompt_sets=sets, max_new_tokens=args.max_new_tokens,
                           embed_weights={"auto": "auto", "yes": True, "no": False}[args.embed_weights],
                           progress=_progress(args.json))
@@ -430,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--counterpart", help="the same prompt without the attack (donor for patching)")
     r.add_argument("--variants-file", help="held-out failing variants, one per line")
     r.add_argument("--heldout-file", help="held-out benign prompts for side effects, one per line")
+    r.add_argument("--variant-counterparts-file", help="the variants without the attack, one per line in the "
+                   "variants' order (sufficiency is measured on these pairs too)")
+    r.add_argument("--expected", help="the correct behaviour, in words (shown in the certificate)")
     r.add_argument("--max-new-tokens", type=positive_int, default=8,
                    help="greedy continuation length for contains:/wordlist: failures (default 8)")
     r.add_argument("--embed-weights", choices=("auto", "yes", "no"), default="auto")
