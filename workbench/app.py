@@ -415,6 +415,7 @@ class MainWindow(QMainWindow):
     @Slot()
     def on_bundle_closed(self) -> None:
         self.setWindowTitle("Model Forensics Workbench")
+        self.show_status("Bundle closed")   # not the last job's "CF done: …" of an incident no longer open
         self._update_actions()
 
     @Slot(bool)

@@ -274,3 +274,17 @@ def test_window_fits_a_laptop_screen_with_every_result_shown(window, qtbot):
     window.resize(1366, 700)
     qtbot.wait(20)
     assert window.height() <= 700
+
+
+def test_closing_a_bundle_leaves_nothing_of_it_on_screen(qtbot, window):
+    """File ▸ Close: the status bar, the CF plot's layer axis and its progress bar no longer speak of the closed
+    incident (they said "CF done: 15 finding(s)", layers 0–3 and "0 / 16")."""
+    cf = window._views["CF"]
+    window.session.status.emit("CF done: 15 finding(s)")
+    assert cf.progress.text() != "" and cf.plot.plotItem.getAxis("bottom")._tickLevels is not None
+    window.close_bundle()
+    assert window.session.bundle is None
+    assert window.statusBar().currentMessage() == "Bundle closed"
+    assert cf.progress.text() == ""
+    assert cf.plot.plotItem.getAxis("bottom")._tickLevels is None
+    assert cf.state_label.text() == "Open a bundle to run CF."

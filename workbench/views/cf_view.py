@@ -309,7 +309,7 @@ class CFView(QWidget):
         self._show_verdict(None)
         self.plot.configure([], 0)
         self.findings.setRowCount(0)
-        self.progress.setValue(0)
+        self.progress.reset()              # no "0 / 16" of the closed bundle's cells
         self.state_label.setText("Open a bundle to run CF.")
         self._update_enabled()
 

@@ -115,6 +115,10 @@ class AnomalyBarPlot(pg.PlotWidget):
             self.plotItem.setXRange(-0.6, self._n_layers - 0.4, padding=0)
             ticks = [(i, str(i)) for i in range(self._n_layers)]
             self.plotItem.getAxis("bottom").setTicks([ticks])
+        else:                              # no bundle: no leftover layer ticks or score range of the last one
+            self.plotItem.getAxis("bottom").setTicks(None)
+            self.plotItem.setXRange(0, 1, padding=0)
+            self.plotItem.setYRange(0, 1, padding=0)
         self.setToolTip("")
 
     @property
