@@ -89,6 +89,9 @@ def test_pdf_text_carries_verdict_hashes_flip_rate_and_commands(demo_pdf):
     k, n = round(cca["flip_rate"] * cca["n_variants"]), cca["n_variants"]
     assert f"{k} of {n}" in body and flat(cca["criteria"]["flip_rate"]["detail"]) in body
     assert f"{100 * cca['flip_rate']:.0f}%" in body
+    # the recorded failure metric says what it is (a log-probability near 0 read as "metric -3.58e-07")
+    fail = doc["incident"]["failure"]
+    assert f"probability of the failing text {fail['metric']:.3g} nats" in body   # "log-" may wrap at its hyphen
     for cmd in doc["commands"]:                             # wrapped at spaces only: whitespace-normalised equal
         assert flat(cmd) in body, cmd
     assert any(c.startswith("forensics verify-certificate ") for c in doc["commands"])

@@ -523,6 +523,14 @@ def _metric_words(spec: str) -> str:
             "token": "logit margin of the failing token (> 0 = predicted)"}.get(kind, "failure metric")
 
 
+def _failure_metric_words(spec: str, value) -> str:
+    """The recorded failure metric with what it is ("metric -3.58e-07" said nothing of a log-probability near 0)."""
+    kind = str(spec).partition(":")[0]
+    if kind in ("contains", "wordlist"):
+        return f"log-probability of the failing text {_num(value)} nats"
+    return f"logit margin of the failing outcome {_num(value)}"
+
+
 def _cca_metric_words(cca: Mapping, spec: str, short: bool = False) -> str:
     """What the CCA metric is: the result's own definition (``ranking.metric``) when it carries one, else the
     failure spec's metric (the recorded log-probability / logit margin that CCA results of schema 1 use)."""
@@ -598,8 +606,8 @@ def _page_summary(c: _Canvas, doc: Mapping) -> None:
     rows = [("Prompt", f"\u201c{_esc(inc['prompt'])}\u201d <span class='g'>({n_prompt} tokens)</span>"),
             ("Output", f"\u201c<b>{_esc(inc['output'] or inc.get('label', ''))}</b>\u201d \u2014 {output_note}: "
                        f"{_esc(_failure_words(fail['spec']))} "
-                       f"<span class='g'>(spec <span class='m'>{_esc(fail['spec'])}</span>; metric "
-                       f"{_num(fail.get('metric'))})</span>"),
+                       f"<span class='g'>(spec <span class='m'>{_esc(fail['spec'])}</span>; "
+                       f"{_esc(_failure_metric_words(fail['spec'], fail.get('metric')))})</span>"),
             ("Expected", _esc(fail.get("expected") or "not recorded")),
             ("Model", f"{_esc(mdl['source'] or '(embedded)')} \u00b7 {_esc(mdl['class_name'])} \u00b7 "
                       f"{mdl['n_layers']} layers \u00d7 d<sub>model</sub> {mdl['d_model']} \u00b7 {_esc(mdl['dtype'])}"
