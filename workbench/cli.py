@@ -546,12 +546,10 @@ class _PipeSafeStdout:
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_transformers()
-    from engine.errors import ForensicsError
-
     stdout = sys.stdout
     sys.stdout = _PipeSafeStdout(stdout)
     try:
-        return _run(argv, ForensicsError)
+        return _run(argv)
     finally:
         if getattr(sys.stdout, "broken", None) is False:
             try:
@@ -561,7 +559,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = stdout
 
 
-def _run(argv, ForensicsError) -> int:
+def _run(argv) -> int:
+    from engine.errors import ForensicsError
+
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
