@@ -80,7 +80,7 @@ import torch
 from . import stats
 from .errors import CCAError, ForensicsError
 from .certificate import set_was_checked
-from .failure import margin as _margin
+from .failure import margin as _margin, path_margins
 from .hooks import site_hooks
 from .layout import pinned_threads
 from .interventions import (ActivationSources, EvalContext, Intervention, InterventionSet, _make_hook,
@@ -788,11 +788,7 @@ class _Incident:
             return _margin(logits.float(), self.ctx.target_index)
         if self.kind == "token":
             return _margin(logits[:, -1].float(), self.ctx.target_index)
-        lg = logits[:, :self.targets.shape[0]].float()  # [rows, T, V]
-        tgt = self.targets.to(lg.device)[None, :, None].expand(lg.shape[0], -1, 1)
-        own = lg.gather(-1, tgt).squeeze(-1)
-        others = lg.scatter(-1, tgt, float("-inf")).max(-1).values
-        m = own - others  # [rows, T]
+        m = path_margins(logits, self.targets)  # [rows, T]
         if soft:
             return -torch.logsumexp(-m, dim=-1)
         return m.min(-1).values

@@ -38,6 +38,13 @@ def metric_name(kind: str) -> str:
     return "logit margin of the failing outcome (higher = more failing)"
 
 
+def search_metric_name(kind: str | None) -> str:
+    """CCA's search metric for a spec ``kind``, in a few words (``engine.cca``; > 0 = still fails)."""
+    if kind in ("contains", "wordlist"):
+        return "smallest logit margin along the failing continuation"
+    return "logit margin of the failing outcome"
+
+
 def resources_dir() -> Path:
     """The shipped ``resources/`` folder (installed as a data package)."""
     import resources
@@ -146,3 +153,16 @@ def span_logprob(logits: torch.Tensor, ids: torch.Tensor, start: int, length: in
     logp = torch.log_softmax(logits[:, start - 1:start - 1 + length].float(), dim=-1)
     tgt = ids[:, start:start + length].unsqueeze(-1)
     return logp.gather(-1, tgt).squeeze(-1).sum(-1)
+
+
+def path_margins(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Logit margin of each recorded token over its best competitor, teacher-forced: ``[rows, T]``.
+
+    ``logits[:, t]`` (``[rows, >= T, vocab]``) predicts ``targets[t]`` (``[T]``, the same for every row).  The row
+    minimum is CCA's search metric for ``contains:`` / ``wordlist:`` incidents (``> 0`` iff every recorded token
+    through the failing span is still the greedy choice; below 0 once the model leaves that path anywhere)."""
+    lg = logits[:, :targets.shape[0]].float()
+    tgt = targets.to(lg.device)[None, :, None].expand(lg.shape[0], -1, 1)
+    own = lg.gather(-1, tgt).squeeze(-1)
+    others = lg.scatter(-1, tgt, float("-inf")).max(-1).values
+    return own - others

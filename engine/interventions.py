@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from .errors import ForensicsError, InterventionError
-from .failure import margin, span_logprob
+from .failure import margin, path_margins, span_logprob
 from .hooks import COMPONENTS, capture, site_hooks
 from .models import ModelHandle
 
@@ -708,9 +708,15 @@ class SetResult:
     continuation_ids: list[int] | None = None
     unaligned: list[int] = field(default_factory=list)
     failing_basis: str = ""  # "continuation", "teacher-forced", "argmax"
+    # CCA's search metric (``engine.cca``): the logit margin for label / token incidents; for generation incidents
+    # the smallest margin of the recorded tokens from the first generated one through the failing span (< 0 once
+    # the set makes the model leave that path, where ``metric``, the span's log-prob after the recorded prefix,
+    # can stay ~0).  None when the failing span is not in the sequence.
+    search_metric: float | None = None
 
     def to_dict(self) -> dict:
         return {"name": self.name, "failing": self.failing, "metric": self.metric,
+                "search_metric": self.search_metric,
                 "top_k": [[t, p] for t, p in self.top_k], "continuation": self.continuation,
                 "unaligned_positions": self.unaligned, "failing_basis": self.failing_basis}
 
@@ -869,6 +875,7 @@ def evaluate_ids(handle: ModelHandle, ctx: EvalContext, sets: Sequence[Intervent
                 counter[1] += 1
         prefixes.append(P)
         unaligned: dict = {}
+        path = None
         logits = run_with_interventions(
             handle, ids[None], chunk, sources=ctx.sources, start_layer=L, start_resid=resid,
             attention_mask=None if ctx.probe_ids is not None else
@@ -886,7 +893,12 @@ def evaluate_ids(handle: ModelHandle, ctx: EvalContext, sets: Sequence[Intervent
         else:
             dec = logits[:, ctx.n_prompt - 1 - lf].float()
             metric = span_logprob(logits, ids[None, lf:].expand(len(chunk), -1), t_start - lf, t_len)
+            if t_start >= 0:   # from the first generated token through the failing span (CCA's search metric)
+                first = ctx.n_prompt - 1 - lf
+                path = path_margins(logits[:, first:], ids[ctx.n_prompt:t_start + t_len]).min(-1).values
         probs = torch.softmax(dec, dim=-1)
+        if kind in ("label", "token"):
+            path = metric
         pk, ik = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
         conts = None
         if gen_kind and generate:
@@ -914,7 +926,8 @@ def evaluate_ids(handle: ModelHandle, ctx: EvalContext, sets: Sequence[Intervent
             slots[rows_idx[r]] = (SetResult(
                 name=s.name, failing=bool(failing), metric=float(metric[r]),
                 top_k=[(names(int(i)), float(p)) for p, i in zip(pk[r], ik[r])], continuation=text,
-                continuation_ids=cids, unaligned=sorted(unaligned.get(r, ())), failing_basis=basis))
+                continuation_ids=cids, unaligned=sorted(unaligned.get(r, ())), failing_basis=basis,
+                search_metric=None if path is None else float(path[r])))
         if progress:
             progress(c + 1, n_chunks, f"evaluated {min((c + 1) * chunk_size, len(sets))}/{len(sets)} "
                                       f"intervention sets")
@@ -927,10 +940,13 @@ def summarize(before: SetResult, after: SetResult) -> dict:
     """Plain dict comparing the baseline (empty set) with an intervened result, for the CLI."""
     return {
         "name": after.name,
-        "before": {"failing": before.failing, "metric": before.metric, "top_k": [list(x) for x in before.top_k],
-                   "continuation": before.continuation},
-        "after": {"failing": after.failing, "metric": after.metric, "top_k": [list(x) for x in after.top_k],
-                  "continuation": after.continuation, "unaligned_positions": after.unaligned},
+        "before": {"failing": before.failing, "metric": before.metric, "search_metric": before.search_metric,
+                   "top_k": [list(x) for x in before.top_k], "continuation": before.continuation},
+        "after": {"failing": after.failing, "metric": after.metric, "search_metric": after.search_metric,
+                  "top_k": [list(x) for x in after.top_k], "continuation": after.continuation,
+                  "unaligned_positions": after.unaligned},
         "metric_change": after.metric - before.metric,
+        "search_metric_change": (None if before.search_metric is None or after.search_metric is None else
+                                 after.search_metric - before.search_metric),
         "fixed": before.failing and not after.failing,
     }

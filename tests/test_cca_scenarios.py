@@ -103,6 +103,32 @@ def test_cli_meets_every_criterion(name, cli_results):
     assert 0 < d["ranking"]["candidates_evaluated"] < d["ranking"]["n_candidates"]
 
 
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_intervene_reports_the_search_metric_cca_reported(name, bundles, cli_results, tmp_path, capsys):
+    """``forensics intervene`` (and the GUI editor, which shows the same numbers) on CCA's fix set reports CCA's
+    search metric before and after, equal to the result's own (same teacher-forced forward up to float rounding).
+    On the Llama incident the set makes the model say "I cannot ..." at the first generated token, so the recorded
+    metric, the failing span's log-prob after the recorded prefix "The code is", does not move: the editor said
+    "FIXED (log-prob of the failing text -1.16e-04 -> -1.19e-04)", a fix with no visible effect."""
+    _, d, written = cli_results[name]
+    result = tmp_path / "fix.json"
+    result.write_text(json.dumps(written), encoding="utf-8")
+    assert main(["intervene", str(bundles[name]), "--set", str(result), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["fixed"]
+    before, after = s["before"]["search_metric"], s["after"]["search_metric"]
+    assert before == pytest.approx(d["baseline_metric"], abs=2e-3) and before > 0
+    assert after == pytest.approx(d["fixed_metric"], abs=2e-3) and after <= -1
+    assert s["search_metric_change"] == pytest.approx(after - before)
+    if name.startswith("bert"):      # a label incident: the failure metric is that margin already
+        assert s["after"]["metric"] == pytest.approx(after)
+    if name == "llama-secret-leak":
+        assert abs(s["metric_change"]) < 1e-3 and s["search_metric_change"] < -20
+        assert main(["intervene", str(bundles[name]), "--set", str(result)]) == 0
+        text = capsys.readouterr().out
+        assert "search metric 11.22" in text and "search metric -11.17" in text and "search metric change -22.38" in text
+
+
 def test_json_result_has_the_keys_the_architecture_fixes(cli_results):
     _, d, _ = cli_results["gpt2-prompt-injection"]
     assert RESULT_KEYS <= set(d)

@@ -260,14 +260,23 @@ def cmd_intervene(args) -> int:
     b, a = summary["before"], summary["after"]
     print(f"intervention set {iset.name!r} ({len(iset.interventions)} edit(s)) on {args.bundle} [{summary['failure']}]")
     print(f"  metric: {metric_name(summary['failure'].split(':', 1)[0])}, teacher-forced on the recorded path")
+    # generation incidents: the span's log-prob is read after the recorded prefix, so it stays ~0 when a set makes
+    # the model leave the failing path earlier; CCA's search metric (smallest margin along the path) shows that
+    path = summary["failure"].split(":", 1)[0] in ("contains", "wordlist") and a["search_metric"] is not None
+    if path:
+        print("  search metric: CCA's, the smallest logit margin of the recorded tokens from the first generated one "
+              "through the failing span (> 0 = still on the failing path)")
     for label, r in (("before", b), ("after ", a)):
         out = f"output {r['continuation']!r}, " if r["continuation"] is not None else ""
-        print(f"  {label}: {'FAILS' if r['failing'] else 'ok   '}  {out}metric {r['metric']:.4g}; top: {top(r)}")
+        sm = f", search metric {r['search_metric']:.4g}" if path else ""
+        print(f"  {label}: {'FAILS' if r['failing'] else 'ok   '}  {out}metric {r['metric']:.4g}{sm}; "
+              f"top: {top(r)}")
     if a.get("unaligned_positions"):
         print(f"  note: positions {a['unaligned_positions']} had no donor partner and were left untouched")
     verdict = "FIXED: the failure goes away" if summary["fixed"] else (
         "still failing" if a["failing"] else "was not failing before")
-    print(f"  {verdict} (metric change {summary['metric_change']:+.4g}; {res.forward_passes} forward passes, "
+    sm = f", search metric change {summary['search_metric_change']:+.4g}" if path else ""
+    print(f"  {verdict} (metric change {summary['metric_change']:+.4g}{sm}; {res.forward_passes} forward passes, "
           f"{res.seconds:.2f} s)")
     return EXIT_OK
 

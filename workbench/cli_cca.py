@@ -113,6 +113,7 @@ def _pct(x) -> str:
 def cmd_cca(args) -> int:
     from engine.bundle import open_bundle
     from engine.cca import not_measured, run_cca, torch_threads
+    from engine.failure import search_metric_name
     from engine.replay import load_bundle_model
     from workbench.cli import CliError, _progress, check_output, require_bundle
 
@@ -152,7 +153,7 @@ def cmd_cca(args) -> int:
         verdict = ("fixes the incident: metric" if res.flipped else "does NOT fix the incident (best set found): metric"
                    if res.checked else "was not checked on the incident (the run stopped first): best search metric")
         print(f"  fix set ({res.set_size} intervention(s)) {verdict} {res.baseline_metric:.3f} -> "
-              f"{res.fixed_metric:.3f} (logit margin of the failing outcome; > 0 = fails)")
+              f"{res.fixed_metric:.3f} ({search_metric_name(bundle.failure.kind)}; > 0 = fails)")
         for e in res.fix_set:
             print(f"    {e.intervention.describe():32s} alone {e.single_metric:9.3f}   without it {e.drop_one_metric:9.3f}"
                   + (f" ({'necessary' if e.drop_one_failing else 'not necessary'})" if res.flipped else ""))

@@ -63,6 +63,9 @@ def test_cca_run_shows_progress_trace_and_fix_set(qtbot, session, view):
     text = view.summary.text()
     assert f"{res.n_variants} held-out failing variants: {100 * res.flip_rate:.1f}%" in text
     assert "Wilson 95% CI" in text and f"{res.n_controls} random control sets" in text
+    # a generation incident's search metric is the margin along the continuation, and both say so
+    assert "(smallest logit margin along the failing continuation; > 0 = fails" in text
+    assert "along the failing continuation" in view.trace_plot.getPlotItem().titleLabel.text
     assert not view.partial_label.isVisible()
 
 

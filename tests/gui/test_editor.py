@@ -95,8 +95,14 @@ def test_context_menu_to_fix_to_undo_redo(window, editor, qtbot):
     assert editor.after.topk.item(0, 1).text() == "'OK'"
     probs = [float(editor.after.topk.item(r, 2).text()) for r in range(editor.after.topk.rowCount())]
     assert probs == pytest.approx([p for _, p in o.after.top_k], rel=1e-3) and probs == sorted(probs, reverse=True)
-    assert float(editor.after.metric_label.text()) == pytest.approx(o.after.metric, rel=1e-3)
+    logp, path = editor.after.metric_label.text().split(" · CCA search metric ")
+    assert float(logp) == pytest.approx(o.after.metric, rel=1e-3)
     assert o.after.metric < o.baseline.metric - 5
+    # the CCA search metric (the margin along the recorded path) goes from failing (> 0) to fixed (<= -1)
+    assert float(path) == pytest.approx(o.after.search_metric, rel=1e-3) and o.after.search_metric <= -1
+    assert o.baseline.search_metric > 0
+    assert (f"CCA search metric {o.baseline.search_metric:.3g} \u2192 {o.after.search_metric:.3g}"
+            in editor.banner.text())
     assert "FIXED" in window.statusBar().currentMessage()
 
     # undo (Ctrl+Z on the table) restores the empty set and the failing output
@@ -127,7 +133,8 @@ def test_cell_edits_replay_and_invalid_input_is_refused(window, editor, qtbot):
     o = _wait_replay(qtbot, editor, lambda: _edit(qtbot, editor, 0, COL_POS, text="3"))
     assert editor.rows[0].positions == "3" and not editor.message.isVisible()
     assert o.after.failing and o.after.continuation == "HACKED" and editor.banner.text().startswith("still failing")
-    assert "(log-prob of the failing text " in editor.banner.text()     # the banner names its metric
+    assert "(CCA search metric " in editor.banner.text()     # the banner names its metric
+    assert "log-prob of the failing text" in editor.after.metric_label.toolTip()
     # op -> scale without a factor: the row is kept but marked invalid, said plainly, nothing replays
     _edit(qtbot, editor, 0, COL_OP, combo="scale")
     assert editor.rows[0].op == "scale" and editor.model.problems[0]

@@ -177,3 +177,22 @@ def test_position_map_labels_do_not_overlap_at_150_tokens(qtbot):
     m.set_cells(4, 6, [(1, [2], 1.0)], ["a", "b", "c", "d", "e", "f"])
     assert [lab for _, lab in axis._tickLevels[0]] == [f"{i}\n{t}" for i, t in enumerate("abcdef")]
     assert all(label.isVisible() for label in m._labels)
+
+
+def test_side_effects_fit_a_laptop_width_without_scrolling_sideways(qtbot, view, session, two_element_result):
+    """At 1024 px wide every side-effect column is on screen (prompt, expected and got share the width, elided,
+    with the full text in the tooltip): at 1024x640 the 'got' column used to be cut off behind a sideways scroll."""
+    res, _, _ = two_element_result
+    session.set_cca(res)
+    view.resize(1000, 600)
+    view.tabs.setCurrentIndex(0)
+    qtbot.wait(50)
+    t = view.side_effects
+    assert t.rowCount() == len(res.side_effects) > 0
+    assert t.horizontalScrollBar().maximum() == 0
+    head = t.horizontalHeader()
+    assert sum(head.sectionSize(c) for c in range(t.columnCount())) <= t.viewport().width()
+    got = [c for c in range(t.columnCount()) if t.horizontalHeaderItem(c).text() == "got"][0]
+    assert head.sectionSize(got) > 80
+    longest = max(range(t.rowCount()), key=lambda r: len(t.item(r, 1).text()))
+    assert t.item(longest, 1).toolTip() == t.item(longest, 1).text()

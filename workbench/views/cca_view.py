@@ -135,9 +135,11 @@ def fill_criteria_table(table: QTableWidget, result) -> None:
         table.setItem(r, 4, detail)
 
 
-def summary_lines(result) -> list[str]:
-    """The headline numbers of a CCA result, one per line (all measured by the engine)."""
+def summary_lines(result, kind: str | None = None) -> list[str]:
+    """The headline numbers of a CCA result, one per line (all measured by the engine); ``kind``: the incident's
+    failure spec kind (names the search metric: a margin along the continuation for generation incidents)."""
     from engine.cca import not_measured  # here, not at import: engine.cca loads torch
+    from engine.failure import search_metric_name
 
     lines = []
     if result.partial:
@@ -152,7 +154,7 @@ def summary_lines(result) -> list[str]:
     lines.append(f"Fix set: {len(result.fix_set)} element(s); incident {state}; "
                  f"{'search metric' if result.checked else 'best search metric (teacher-forced)'} "
                  f"{_fmt(result.baseline_metric)} \u2192 {_fmt(result.fixed_metric)} "
-                 f"(logit margin of the failing outcome; {rule})")
+                 f"({search_metric_name(kind)}; {rule})")
     lo, hi = result.flip_rate_ci
     if result.n_variants:
         lines.append(f"Flip rate over {result.n_variants} held-out failing variants: {_pct(result.flip_rate)} "
@@ -268,7 +270,7 @@ class CCAView(QWidget):
         _styled_plot(self.trace_plot, "best search metric", "forward passes")
         self.trace_plot.setMinimumHeight(120)
         self.trace_plot.getPlotItem().setTitle(
-            "search trace \u2014 search metric: logit margin of the failing outcome (> 0 = fails)",
+            "search trace \u2014 best search metric (> 0 = fails)",
             color=(30, 30, 30), size="10pt")
         self.trace_curve = pg.PlotDataItem(pen=pg.mkPen((0, 114, 178), width=2), symbol="o", symbolSize=6,
                                            symbolBrush=(0, 114, 178))
@@ -475,6 +477,11 @@ class CCAView(QWidget):
     def _on_bundle_opened(self, bundle) -> None:
         self._clear()
         self.stage_label.setText(f"{bundle.n_layers} layers \u00d7 {len(bundle.sites)} sites. Press Run CCA.")
+        from engine.failure import search_metric_name
+
+        self.trace_plot.getPlotItem().setTitle(
+            f"search trace \u2014 search metric: {search_metric_name(bundle.failure.kind)} (> 0 = fails)",
+            color=(30, 30, 30), size="10pt")
         self._update_enabled()
 
     @Slot()
@@ -514,7 +521,8 @@ class CCAView(QWidget):
         fill_fix_set_table(self.fix_table, result)
         self._cap_fix_table(min(4, max(1, self.fix_table.rowCount())))
         fill_criteria_table(self.criteria_table, result)
-        self.summary.setText("\n".join(summary_lines(result)))
+        kind = self.session.bundle.failure.kind if self.session.bundle is not None else None
+        self.summary.setText("\n".join(summary_lines(result, kind)))
         self.partial_label.setVisible(bool(result.partial))
         if not result.partial and self._job is None:   # computed elsewhere (the certificate export, a review)
             self.progress.setRange(0, 1)                # "CCA finished" over a bar reading 0% looked stuck

@@ -424,6 +424,19 @@ class _SetRows(QUndoCommand):
 # ----------------------------------------------------------------------------------------------------------------
 # Result panels
 # ----------------------------------------------------------------------------------------------------------------
+SEARCH_METRIC_TIP = ("CCA search metric: the smallest logit margin of the recorded tokens over their best "
+                     "competitor, teacher-forced, from the first generated token through the failing span "
+                     "(> 0 = still on the failing path; CCA's fix needs <= -1)")
+
+
+def _path_metric(res, bundle) -> float | None:
+    """CCA's search metric of a generation incident's replay (None for label / token incidents, whose failure
+    metric is already that margin, and for results without it)."""
+    if bundle is None or bundle.failure.kind not in ("contains", "wordlist"):
+        return None
+    return getattr(res, "search_metric", None)
+
+
 class ResultPanel(QGroupBox):
     """One side of before / after: verdict, output, failure metric, top-k next tokens."""
 
@@ -475,8 +488,11 @@ class ResultPanel(QGroupBox):
         self.verdict.setToolTip(f"failure spec {bundle.failure_spec}, judged on the {res.failing_basis or 'output'}")
         self.output_label.setText(self.output_text(res))
         extra = f" · unaligned positions {res.unaligned}" if res.unaligned else ""
+        path = _path_metric(res, bundle)
+        if path is not None:
+            extra = f" · CCA search metric {_fmt(path, 4)}{extra}"
         self.metric_label.setText(f"{_fmt(res.metric, 4)}{extra}")
-        self.metric_label.setToolTip(metric_name(bundle))
+        self.metric_label.setToolTip(metric_name(bundle) + ("" if path is None else "\n" + SEARCH_METRIC_TIP))
         self.topk.setRowCount(len(res.top_k))
         for r, (tok, p) in enumerate(res.top_k):
             cells = [str(r + 1), repr(tok), _fmt(float(p), 4)]
@@ -871,13 +887,19 @@ class EditorView(QWidget):
             text, color = "BROKEN ✗ — the set makes a passing run fail", FAIL_FG
         else:
             text, color = "not failing before or after", "#333"
-        if n:
+        pb, pa = _path_metric(b, bundle), _path_metric(a, bundle)
+        if n and pb is not None and pa is not None:
+            # generation: the span's log-prob is read after the recorded prefix and stays ~0 when the set makes the
+            # model leave the failing path earlier; the margin along the path is the number that moves
+            text += f"   (CCA search metric {_fmt(pb)} → {_fmt(pa)}, Δ {pa - pb:+.3g})"
+        elif n:
             text += f"   ({metric_name(bundle).split(' (')[0]} {_fmt(b.metric)} → {_fmt(a.metric)}, Δ {delta:+.3g})"
         bg = _OK_BG if "FIXED" in text else (FAIL_BG if color == FAIL_FG else "transparent")
         self.banner.setText(text)
         self.banner.setStyleSheet(f"QLabel {{ font-size: 15px; font-weight: bold; padding: 4px; color: {color}; "
                                   f"background: {bg}; }}")
-        self.banner.setToolTip(f"failure metric: {metric_name(bundle)}")
+        self.banner.setToolTip(f"failure metric: {metric_name(bundle)}" +
+                               ("" if pb is None else f"\n{SEARCH_METRIC_TIP}"))
         self.state.setText(
             f"Replayed {n} intervention(s) in {1000 * o.seconds:.0f} ms on the engine thread "
             f"({o.forward_passes} forward passes; baseline {'cached' if o.baseline_cached else 'computed'}). "

@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 
 from PySide6.QtCore import Qt, Slot
-from PySide6.QtWidgets import (QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit, QPushButton, QSizePolicy,
-                               QSpinBox, QSplitter, QTableWidgetItem, QTabWidget, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QFormLayout, QGroupBox, QHBoxLayout, QHeaderView, QLabel, QLineEdit, QPushButton,
+                               QSizePolicy, QSpinBox, QSplitter, QTableWidgetItem, QTabWidget, QVBoxLayout, QWidget)
 
 from workbench.views.cca_view import (_GREEN, _RED, CRITERIA_HEADERS, FIX_SET_HEADERS, _item, fill_criteria_table,
                                       fill_fix_set_table, make_table, summary_lines, vertical_scroll)
@@ -95,6 +95,12 @@ class ReviewView(QWidget):
         el.addLayout(actions)
 
         self.side_effects = make_table(SIDE_EFFECT_HEADERS)
+        # prompt / expected / got share the width (elided, full text in the tooltip), so a laptop-sized window shows
+        # every column without scrolling sideways
+        head = self.side_effects.horizontalHeader()
+        head.setStretchLastSection(False)
+        for c in (1, 2, 3):
+            head.setSectionResizeMode(c, QHeaderView.ResizeMode.Stretch)
         self.criteria = make_table(CRITERIA_HEADERS)
         self.histogram = HistogramPlot(x_label="flip rate of a random control set")
         self.histogram.getPlotItem().setTitle("controls vs the fix set (red line)", color=(30, 30, 30))
@@ -324,7 +330,8 @@ class ReviewView(QWidget):
                 self.elements.setItem(r, 0, box)
         finally:
             self._filling = False
-        self.summary.setText("\n".join(summary_lines(result)))
+        kind = self.session.bundle.failure.kind if self.session.bundle is not None else None
+        self.summary.setText("\n".join(summary_lines(result, kind)))
         # side effects: changed first, then by KL
         rows = sorted(result.side_effects, key=lambda d: (not d.get("changed", False), -(d.get("kl") or 0.0)))
         self.side_effects.setRowCount(len(rows))
