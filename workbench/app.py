@@ -32,6 +32,9 @@ APPLICATION = "Workbench"
 MAX_RECENT = 10
 BUNDLE_FILTER = "Incident bundles (*.h5 *.hdf5);;All files (*)"
 RESULT_FILTER = "CF / CCA results and certificates (*.json);;All files (*)"
+# the widget of each view that takes the keyboard focus when the view is shown (View menu, Ctrl+1..5), so the arrow
+# keys work in it at once instead of moving the tab bar
+VIEW_FOCUS = {"Browser": "tree", "Interventions": "table", "CF": "findings", "CCA": "fix_table", "Review": "elements"}
 
 
 def settings() -> QSettings:
@@ -222,6 +225,9 @@ class MainWindow(QMainWindow):
         w = self._views.get(title)
         if w is not None:
             self.tabs.setCurrentWidget(w)
+            target = getattr(w, VIEW_FOCUS.get(title, ""), None)
+            if isinstance(target, QWidget) and target.isEnabled():
+                target.setFocus(Qt.FocusReason.ShortcutFocusReason)
 
     @Slot(int, str)
     def _show_browser(self, _layer: int, _site: str) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from PySide6.QtCore import QMimeData, QPointF, Qt, QUrl
 from PySide6.QtGui import QDropEvent
+from PySide6.QtWidgets import QApplication
 
 
 def test_open_shows_incident_and_title(window, demo_bundle):
@@ -19,6 +20,8 @@ def test_open_shows_incident_and_title(window, demo_bundle):
     assert b.continuation_text.strip()[:20] in text
     assert window.act_close.isEnabled() and window.act_run_cf.isEnabled()
     assert "Expected" in text and b.expected in text and "log-prob of the failing text" in text
+    n_gen = len(b.tokens) - b.n_prompt_tokens
+    assert n_gen > 0 and f"({b.n_prompt_tokens} tokens; {n_gen} generated, tinted blue)" in text
     # the failing span's tokens are marked red in the rendered panel, and nothing else but the FAILS badge
     from workbench.views.incident import FAIL_BG, _tok
 
@@ -288,3 +291,24 @@ def test_closing_a_bundle_leaves_nothing_of_it_on_screen(qtbot, window):
     assert cf.progress.text() == ""
     assert cf.plot.plotItem.getAxis("bottom")._tickLevels is None
     assert cf.state_label.text() == "Open a bundle to run CF."
+
+
+def test_view_shortcuts_put_the_keyboard_in_the_view(qtbot, window):
+    """Ctrl+1..5 switch views and give the view's main list the keyboard focus, so the arrow keys work in it at once
+    (they used to stay on the tab bar, where Right switched to the next view)."""
+    window.activateWindow()
+    qtbot.waitActive(window)
+    ctrl = Qt.KeyboardModifier.ControlModifier
+    qtbot.keyClick(window, Qt.Key.Key_1, ctrl)
+    tree = window.browser.tree
+    assert window.tabs.currentWidget() is window.browser and QApplication.focusWidget() is tree
+    window.browser.select_site(0, "attn")
+    assert (window.browser.layer, window.browser.site) == (0, "attn")
+    qtbot.keyClick(tree, Qt.Key.Key_Down)          # the arrow key walks the tree and shows the next site
+    assert window.tabs.currentWidget() is window.browser
+    assert (window.browser.layer, window.browser.site) == (0, "mlp")
+    for key, title, attr in ((Qt.Key.Key_2, "Interventions", "table"), (Qt.Key.Key_3, "CF", "findings"),
+                             (Qt.Key.Key_4, "CCA", "fix_table"), (Qt.Key.Key_5, "Review", "elements")):
+        qtbot.keyClick(window, key, ctrl)
+        view = window.view(title)
+        assert window.tabs.currentWidget() is view and QApplication.focusWidget() is getattr(view, attr), title

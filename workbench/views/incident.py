@@ -44,8 +44,10 @@ def incident_html(bundle) -> str:
     span = ""
     if start >= 0 and length > 0:
         span = f" · failing span: positions {start}–{start + length - 1}"
+    n_generated = len(bundle.tokens) - bundle.n_prompt_tokens
+    tinted = f"; {n_generated} generated, tinted blue" if n_generated > 0 else ""   # a classifier generates nothing
     return (
-        f"<b>Prompt</b> ({bundle.n_prompt_tokens} tokens; generated tokens tinted blue){span}<br>"
+        f"<b>Prompt</b> ({bundle.n_prompt_tokens} tokens{tinted}){span}<br>"
         f"<span style='font-family:monospace'>{' '.join(parts)}</span><br>"
         f"<b>Output</b> <span style='font-family:monospace'>{html.escape(output or '')}</span><br>"
         f"<b>Failure</b> <code>{html.escape(bundle.failure_spec)}</code> {verdict} "
