@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 
@@ -75,6 +76,10 @@ def test_export_after_review_writes_pdf_and_json(qtbot, window, demo_bundle, tmp
         review.note.editingFinished.emit()
     assert session.cf is None
     pdf = tmp_path / "demo certificate.pdf"
+    # a user's own files whose names the export once used for its temporary files stay as they were
+    own = [tmp_path / f".demo certificate{ext}.tmp" for ext in (".json", ".cca.json", ".cf.json")]
+    for f in own:
+        f.write_text("mine\n", encoding="utf-8")
     offered = save_as(pdf)
     assert window.act_export.isEnabled()
     messages = record_status(window)
@@ -88,8 +93,13 @@ def test_export_after_review_writes_pdf_and_json(qtbot, window, demo_bundle, tmp
     js = pdf.with_suffix(".json")
     msg = status(window)
     assert str(pdf) in msg and str(js) in msg and boxes == []
+    mask = os.umask(0)
+    os.umask(mask)
     for p in (pdf, js, tmp_path / "demo certificate.cca.json", tmp_path / "demo certificate.cf.json"):
         assert p.is_file(), p
+        assert p.stat().st_mode & 0o777 == 0o666 & ~mask, p       # as any new file, not owner-only
+    assert all(f.read_text(encoding="utf-8") == "mine\n" for f in own)
+    assert sorted(f.name for f in tmp_path.iterdir() if f.name.endswith(".tmp")) == sorted(f.name for f in own)
     doc = load_certificate(js)
     assert doc["cca"]["flip_rate"] == cca.flip_rate and doc["cf"] is not None
     assert session.cf is not None and doc["cf"]["threshold"] == session.cf.threshold   # published to the views

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import tempfile
 from pathlib import Path
 
 from PySide6.QtCore import QObject, Signal, Slot
@@ -40,18 +41,27 @@ def _write_json(doc: dict, json_path: Path, results: list) -> list[tuple[str, st
     their targets; returns ``[(temporary, target), ...]``.  :meth:`CertificateExport._write` renames them once the
     PDF is drawn (so a failed PDF leaves every earlier file as it was).  On a failure removes what it wrote."""
     from engine.certificate import write_certificate
+    from workbench.pdf import _chmod_like_new_file
+
+    def unique_tmp(target: Path) -> Path:
+        # a name of our own beside the target (a fixed ".NAME.tmp" would overwrite, then delete, a user's file of
+        # that name), created empty now so no other export can take it
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent))
+        os.close(fd)
+        return Path(name)
 
     pairs: list[tuple[str, str]] = []
     try:
-        tmp = json_path.with_name(f".{json_path.name}.tmp")
+        tmp = unique_tmp(json_path)
         pairs.append((str(tmp), str(json_path)))
         write_certificate(doc, tmp)
         # the results are kept beside the certificate: its reproduction commands name them (certify --result/--cf)
         for obj, path in results:
             path = Path(path)
-            tmp = path.with_name(f".{path.name}.tmp")
+            tmp = unique_tmp(path)
             pairs.append((str(tmp), str(path)))
             tmp.write_text(json.dumps(obj.to_dict(), indent=1) + "\n", encoding="utf-8")
+            _chmod_like_new_file(tmp)
     except BaseException:
         for t, _ in pairs:
             Path(t).unlink(missing_ok=True)
