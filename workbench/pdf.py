@@ -1508,4 +1508,30 @@ def render_certificate_pdf(doc: Mapping, path: str | os.PathLike) -> Path:
     return out
 
 
-__all__ = ["PAGE_COUNT", "element_words", "ensure_qt_app", "guard_none_refcount", "render_certificate_pdf"]
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m workbench.pdf CERTIFICATE.json OUT.pdf``: draw a certificate JSON as the PDF (offscreen).
+
+    What the GUI's export runs in a child process, so drawing (0.3-2 s) never freezes the window: Qt's painting
+    must run on a process's GUI thread, and a second thread of the GUI process deadlocked in QTextDocument (a
+    PySide6 lock-order inversion with the GIL).  Exit 0 when written; 1 with one ``error: ...`` line on stderr."""
+    import json
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 2:
+        print("usage: python -m workbench.pdf CERTIFICATE.json OUT.pdf", file=sys.stderr)
+        return 2
+    os.environ["QT_QPA_PLATFORM"] = "offscreen"
+    try:
+        doc = json.loads(Path(args[0]).read_text(encoding="utf-8"))
+        render_certificate_pdf(doc, args[1])
+    except (CertificateError, OSError, ValueError) as exc:
+        print(f"error: {exc}".splitlines()[0], file=sys.stderr)
+        return 1
+    return 0
+
+
+__all__ = ["PAGE_COUNT", "element_words", "ensure_qt_app", "guard_none_refcount", "main", "render_certificate_pdf"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

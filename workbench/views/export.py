@@ -9,10 +9,12 @@ certificate data (``engine.certificate.build_certificate``) with the analyst's a
 and nothing is written.
 
 The job also writes the JSON and keeps the CF / CCA results as ``CERT.cf.json`` / ``CERT.cca.json`` (the files
-the certificate's reproduction commands name). Only the PDF is drawn on the GUI thread (``workbench.pdf`` uses
-QPdfWriter/QPainter/QTextDocument and insists on the thread that owns the QGuiApplication; ~0.1–0.3 s for the demo,
-~0.8 s for a 150-token, 12-layer incident); the JSON files are renamed into place after it
-(and removed when it fails). Results computed here are also published to the session, so the CF and CCA views show them. A
+the certificate's reproduction commands name), all to temporary names, and has the PDF drawn from the certificate
+JSON by a child process (``python -m workbench.pdf``, ~2.5 s, most of it Qt starting): ``workbench.pdf`` paints with
+QPdfWriter/QPainter/QTextDocument, which must run on a process's GUI thread — drawing on this process's GUI thread
+froze the window 0.3–2 s, and drawing on the engine thread deadlocked in QTextDocument (a PySide6 lock-order
+inversion with the GIL).  Once every file is there the GUI thread renames them into place; a failure or a cancel
+removes them.  Results computed here are also published to the session, so the CF and CCA views show them.  A
 failure shows a dialog and a status message; success a status message naming every file written.
 """
 
@@ -36,6 +38,51 @@ NO_SET_TEXT = ("The CCA run was cancelled before it found a fix set, so there is
 ANALYSIS_JOBS = {"cf": "CF", "cca": "CCA", "review": "re-evaluation"}   # the CF, CCA and review views' jobs
 
 
+def _unique_tmp(target: Path) -> Path:
+    """A temporary name of our own beside ``target``, created empty (a fixed ``.NAME.tmp`` would overwrite, then
+    delete, a user's file of that name)."""
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent))
+    os.close(fd)
+    return Path(name)
+
+
+def _draw_pdf_in_child(cert_json: Path, pdf_tmp: Path, final: Path, cancel) -> bool:
+    """Draw the PDF from the certificate JSON in a child process (``python -m workbench.pdf``), so the window
+    keeps running: Qt paints only on a process's GUI thread, and drawing on a second thread of this process
+    deadlocked in QTextDocument.  Polls ``cancel`` (the child is killed); returns False when cancelled.  Raises
+    :class:`CertificateError` with the child's one-line message (naming ``final``, not the temporary name)."""
+    import subprocess
+    import sys
+
+    from engine.errors import CertificateError
+
+    env = dict(os.environ, QT_QPA_PLATFORM="offscreen")
+    root = str(Path(__file__).resolve().parents[2])       # the checkout, for a workbench not installed
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.Popen([sys.executable, "-m", "workbench.pdf", str(cert_json), str(pdf_tmp)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        while True:
+            try:
+                _, err = proc.communicate(timeout=0.05)
+                break
+            except subprocess.TimeoutExpired:
+                if cancel.is_set():
+                    proc.kill()
+                    proc.communicate()
+                    return False
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    if proc.returncode != 0:
+        lines = err.decode("utf-8", "replace").strip().splitlines()
+        msg = next((ln for ln in reversed(lines) if ln.startswith("error: ")), lines[-1] if lines else "")
+        msg = msg.removeprefix("error: ").replace(str(pdf_tmp), str(final))
+        raise CertificateError(f"cannot write the PDF {final}: {msg or f'exit status {proc.returncode}'}")
+    return True
+
+
 def _write_json(doc: dict, json_path: Path, results: list) -> list[tuple[str, str]]:
     """Write the certificate JSON and the CF / CCA results it names (engine thread) to temporary names beside
     their targets; returns ``[(temporary, target), ...]``.  :meth:`CertificateExport._write` renames them once the
@@ -43,13 +90,7 @@ def _write_json(doc: dict, json_path: Path, results: list) -> list[tuple[str, st
     from engine.certificate import write_certificate
     from workbench.pdf import _chmod_like_new_file
 
-    def unique_tmp(target: Path) -> Path:
-        # a name of our own beside the target (a fixed ".NAME.tmp" would overwrite, then delete, a user's file of
-        # that name), created empty now so no other export can take it
-        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent))
-        os.close(fd)
-        return Path(name)
-
+    unique_tmp = _unique_tmp
     pairs: list[tuple[str, str]] = []
     try:
         tmp = unique_tmp(json_path)
@@ -76,7 +117,8 @@ def default_pdf_path(session) -> Path:
 
 
 class CertificateExport(QObject):
-    """One export in flight: the engine job, then the PDF and JSON written on the GUI thread.
+    """One export in flight: the engine job (which has the PDF drawn by a child process), then the files renamed
+    into place on the GUI thread.
 
     Signals:
         done(pdf_path, json_path): both files are written.
@@ -170,11 +212,23 @@ class CertificateExport(QObject):
                                     commands=commands)
             if cancel.is_set():
                 return None
-            # the JSON files here, off the GUI thread (validating and writing them took ~0.2 s on a 150-token
-            # incident); only the PDF, which workbench.pdf draws on the GUI thread, is left for _on_finished
+            # every file is written here, off the GUI thread, to temporary names; _on_finished renames them
             say("writing the certificate JSON")
             results = {"cca": (cca, cca_path), "cf": (cf, cf_path)}
             written = _write_json(doc, json_path, [(obj, path) for obj, path in results.values() if obj is not None])
+            drawn = False
+            try:    # the PDF in a child process (see the module docstring)
+                say(f"drawing {pdf.name} (in a separate process)")
+                cert_tmp = Path(written[0][0])
+                pdf_tmp = _unique_tmp(pdf)
+                written.insert(0, (str(pdf_tmp), str(pdf)))
+                drawn = _draw_pdf_in_child(cert_tmp, pdf_tmp, pdf, cancel)
+            finally:
+                if not drawn:         # failed or cancelled: nothing of this export is left behind
+                    for tmp, _ in written:
+                        Path(tmp).unlink(missing_ok=True)
+            if not drawn:
+                return None
             return {"doc": doc, "cf": cf, "cca": cca, "cf_computed": cf_given is None and cf is not None,
                     "cca_computed": cca_given is None, "cf_path": str(cf_path), "cca_path": str(cca_path),
                     "note": cf_note, "written": written}
@@ -235,22 +289,16 @@ class CertificateExport(QObject):
 
     # ------------------------------------------------------------------ helpers
     def _write(self, result: dict) -> None:
-        """Draw the PDF (GUI thread: ``workbench.pdf`` requires it), then rename the JSON files the job wrote into
-        place; when the PDF cannot be written they are removed, so a failed export leaves nothing behind."""
-        from workbench.pdf import render_certificate_pdf
-
+        """Rename the files the job wrote (PDF first, then the JSON files) into place."""
         pairs = list(result.get("written") or [])
-        self._status(f"Exporting the certificate: drawing {self.pdf_path.name}…")
         try:
-            render_certificate_pdf(result["doc"], self.pdf_path)
+            for tmp, target in pairs:
+                os.replace(tmp, target)
+                self.written.append(target)
         except BaseException:
-            for tmp, _ in pairs:
+            for tmp, _ in pairs[len(self.written):]:
                 Path(tmp).unlink(missing_ok=True)
             raise
-        self.written.append(str(self.pdf_path))
-        for tmp, target in pairs:
-            os.replace(tmp, target)
-            self.written.append(target)
         if self.session.bundle is self._bundle:   # the views show what the certificate carries
             if result.get("cf_computed") and (self.session.cf is None or self.session.cf.partial):
                 self.session.set_cf(result["cf"])
