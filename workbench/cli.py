@@ -390,6 +390,13 @@ def cmd_demo(args) -> int:
     path = out / "demo-incident.h5"
     cf_json, cca_json, pdf = out / "demo-incident.cf.json", out / "demo-incident.cca.json", out / "demo-certificate.pdf"
     t_all = time.perf_counter()
+    # a previous run's results belong to the bundle recorded again below: removed first, so a run that stops early
+    # (Ctrl+C, a failed step) never leaves a certificate beside a bundle it does not describe
+    stale = [f for f in (cf_json, cca_json, pdf, pdf.with_suffix(".json")) if f.is_file()]
+    for f in stale:
+        f.unlink()
+    if stale:
+        print(f"(removed the previous run's {', '.join(f.name for f in stale)} from {out}/)")
 
     def step(n: int, title: str, command: list[str] | None = None) -> None:
         print(f"\n{n}. {title}" + (f"\n   $ forensics {' '.join(command)}" if command else ""), flush=True)
