@@ -95,6 +95,7 @@ TARGETS = {"flip_rate": 0.80, "side_effect_rate": 0.05, "fraction_of_activations
 #: the residual stream, which carries everything written before it).
 COMPONENT_RANK = {"head": 0, "neuron": 0, "attn": 1, "mlp": 1, "resid_pre": 2, "resid_post": 2}
 MAX_ROWS = 64  # batch rows per forward
+FIX_MARGIN = 1.0  # a set fixes the incident when the search metric is <= -FIX_MARGIN (the default ``margin``)
 Progress = Callable[[int, int, str], None]
 
 
@@ -1169,7 +1170,7 @@ def _cf_prior(cf) -> dict:
 
 def run_cca(bundle, handle: ModelHandle | None = None, *, cf=None, op: str = "mean", beam: int = 1,
             max_size: int = 4, n_controls: int = 200, seed: int = 0, top_m: int = 8, ranking: str = "attribution",
-            margin: float = 1.0, evidence: bool = True, refine_units: bool = False, threads: int | None = 1,
+            margin: float = FIX_MARGIN, evidence: bool = True, refine_units: bool = False, threads: int | None = 1,
             progress: Progress | None = None, on_step: Callable[[dict], None] | None = None,
             cancel: threading.Event | None = None) -> CCAResult:
     """Search a 1-minimal fix set for the bundle's incident and measure the evidence for it.
@@ -1800,7 +1801,7 @@ def _partial(bundle, handle, inc, fix, best_metric, budget, trace, rank_info, op
 # Evidence
 # ----------------------------------------------------------------------------------------------------------------
 def evaluate_fix_set(bundle, handle: ModelHandle | None, interventions: Sequence[Intervention], *,
-                     n_controls: int = 200, seed: int = 0, margin: float = 1.0, progress: Progress | None = None,
+                     n_controls: int = 200, seed: int = 0, margin: float = FIX_MARGIN, progress: Progress | None = None,
                      cancel: threading.Event | None = None, threads: int | None = 1) -> CCAResult:
     """All the evidence for a given set (the GUI's accept/reject re-evaluation; certificate verification).
 

@@ -204,3 +204,31 @@ def test_save_and_load_set_json(window, editor, qtbot, tmp_path, monkeypatch):
     editor.load_action.trigger()
     assert len(boxes) == 1 and "unknown op 'explode'" in boxes[0]
     assert "Could not load bad.json" in editor.message.text() and editor.interventions() == ivs
+
+
+def test_a_fix_by_less_than_ccas_margin_is_said_so(window, editor, qtbot):
+    """The editor's FIXED is the failure predicate on the greedy output; CCA (and a certificate) count a set as a
+    fix only when its search metric is <= -1.  A set between the two now says so under the banner."""
+    from engine.cca import FIX_MARGIN
+    from engine.interventions import evaluate
+    from engine.replay import load_bundle_model
+
+    b = window.session.bundle
+    handle = load_bundle_model(b)      # a model of the test's own (the session's is the engine thread's)
+    # scale the demo's causal site (L0 attn at 15): by 0 it fixes clearly; the search metric crosses 0 between the
+    # factors 0.075 (-1.6) and 0.1 (+0.4), where a factor fixes the output narrowly
+    factors = [0.0] + [0.075 + i / 400 for i in range(11)]
+    sets = [InterventionSet((Intervention(0, "attn", (15,), "scale", value=f),)) for f in factors]
+    res = evaluate(b, handle, sets).results
+    narrow = [f for f, r in zip(factors, res) if not r.failing and -FIX_MARGIN < r.search_metric < 0]
+    clear = [f for f, r in zip(factors, res) if not r.failing and r.search_metric <= -FIX_MARGIN]
+    assert narrow and clear, [(f, r.failing, round(r.search_metric, 2)) for f, r in zip(factors, res)]
+    o = _wait_replay(qtbot, editor, lambda: editor.set_interventions(
+        (Intervention(0, "attn", (15,), "scale", value=narrow[0]),), "narrow"))
+    assert not o.after.failing and editor.banner.text().startswith("FIXED")
+    assert "Fixed by less than CCA's margin" in editor.state.text()
+    assert f"search metric is {o.after.search_metric:.3g}" in editor.state.text()
+    o = _wait_replay(qtbot, editor, lambda: editor.set_interventions(
+        (Intervention(0, "attn", (15,), "scale", value=clear[0]),), "clear"))
+    assert not o.after.failing and o.after.search_metric <= -FIX_MARGIN
+    assert "less than CCA's margin" not in editor.state.text()

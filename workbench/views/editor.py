@@ -903,10 +903,23 @@ class EditorView(QWidget):
         self.state.setText(
             f"Replayed {n} intervention(s) in {1000 * o.seconds:.0f} ms on the engine thread "
             f"({o.forward_passes} forward passes; baseline {'cached' if o.baseline_cached else 'computed'}). "
-            f"Failure spec: {bundle.failure_spec}.")
+            f"Failure spec: {bundle.failure_spec}." + self._margin_note(o))
         if n:
             self.session.status.emit(f"Replay: {text.split('   ')[0]} — output {ResultPanel.output_text(a)!r}")
         self.replayed.emit(o)
+
+    @staticmethod
+    def _margin_note(o: ReplayOutcome) -> str:
+        """When the set fixes the output but not by CCA's fix margin, say so: CCA (and a certificate) would count
+        the same set as not fixing the incident."""
+        from engine.cca import FIX_MARGIN
+
+        sm = o.after.search_metric
+        if not o.interventions or not o.baseline.failing or o.after.failing or sm is None or sm <= -FIX_MARGIN:
+            return ""
+        return (f"  ⚠ Fixed by less than CCA's margin: the CCA search metric is {_fmt(sm)}; CCA counts a set as a fix "
+                f"only at ≤ −{_fmt(FIX_MARGIN)}, so it (and a certificate) would say this set does not fix the "
+                "incident.")
 
     @Slot(str, str)
     def _on_failed(self, name: str, message: str) -> None:
