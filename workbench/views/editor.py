@@ -424,9 +424,13 @@ class _SetRows(QUndoCommand):
 # ----------------------------------------------------------------------------------------------------------------
 # Result panels
 # ----------------------------------------------------------------------------------------------------------------
-SEARCH_METRIC_TIP = ("CCA search metric: the smallest logit margin of the recorded tokens over their best "
-                     "competitor, teacher-forced, from the first generated token through the failing span "
-                     "(> 0 = still on the failing path; CCA's fix needs <= -1)")
+def _search_metric_tip() -> str:
+    """Tooltip text of the CCA search metric (called once a replay exists, so engine.cca's import costs nothing)."""
+    from engine.cca import FIX_MARGIN
+
+    return ("CCA search metric: the smallest logit margin of the recorded tokens over their best competitor, "
+            "teacher-forced, from the first generated token through the failing span (> 0 = still on the failing "
+            f"path; CCA's fix needs <= -{_fmt(FIX_MARGIN)})")
 
 
 def _path_metric(res, bundle) -> float | None:
@@ -492,7 +496,7 @@ class ResultPanel(QGroupBox):
         if path is not None:
             extra = f" · CCA search metric {_fmt(path, 4)}{extra}"
         self.metric_label.setText(f"{_fmt(res.metric, 4)}{extra}")
-        self.metric_label.setToolTip(metric_name(bundle) + ("" if path is None else "\n" + SEARCH_METRIC_TIP))
+        self.metric_label.setToolTip(metric_name(bundle) + ("" if path is None else "\n" + _search_metric_tip()))
         self.topk.setRowCount(len(res.top_k))
         for r, (tok, p) in enumerate(res.top_k):
             cells = [str(r + 1), repr(tok), _fmt(float(p), 4)]
@@ -899,7 +903,7 @@ class EditorView(QWidget):
         self.banner.setStyleSheet(f"QLabel {{ font-size: 15px; font-weight: bold; padding: 4px; color: {color}; "
                                   f"background: {bg}; }}")
         self.banner.setToolTip(f"failure metric: {metric_name(bundle)}" +
-                               ("" if pb is None else f"\n{SEARCH_METRIC_TIP}"))
+                               ("" if pb is None else "\n" + _search_metric_tip()))
         self.state.setText(
             f"Replayed {n} intervention(s) in {1000 * o.seconds:.0f} ms on the engine thread "
             f"({o.forward_passes} forward passes; baseline {'cached' if o.baseline_cached else 'computed'}). "

@@ -90,16 +90,15 @@ def _write_json(doc: dict, json_path: Path, results: list) -> list[tuple[str, st
     from engine.certificate import write_certificate
     from workbench.pdf import _chmod_like_new_file
 
-    unique_tmp = _unique_tmp
     pairs: list[tuple[str, str]] = []
     try:
-        tmp = unique_tmp(json_path)
+        tmp = _unique_tmp(json_path)
         pairs.append((str(tmp), str(json_path)))
         write_certificate(doc, tmp)
         # the results are kept beside the certificate: its reproduction commands name them (certify --result/--cf)
         for obj, path in results:
             path = Path(path)
-            tmp = unique_tmp(path)
+            tmp = _unique_tmp(path)
             pairs.append((str(tmp), str(path)))
             tmp.write_text(json.dumps(obj.to_dict(), indent=1) + "\n", encoding="utf-8")
             _chmod_like_new_file(tmp)
