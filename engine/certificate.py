@@ -23,7 +23,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 import threading
 import time
 import uuid as uuidlib
@@ -712,20 +711,9 @@ def certificate_json_text(doc: Mapping) -> str:
 
 def write_certificate(doc: Mapping, path: str | os.PathLike) -> Path:
     """Validate and write the certificate JSON (temporary file + rename)."""
-    p = Path(path)
-    text = certificate_json_text(doc)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=str(p.parent or "."))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        mask = os.umask(0)           # mkstemp makes the file owner-only; the certificate gets 0666 & ~umask
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+    from .atomic import write_text
+
+    return write_text(path, certificate_json_text(doc))
 
 
 # ----------------------------------------------------------------------------------------------------------------

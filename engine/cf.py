@@ -85,6 +85,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from .atomic import written_to_temp
 from .errors import BaselineError, CFError
 
 STATISTICS = ("bits", "distance")
@@ -1087,9 +1088,8 @@ def save_baseline(base: Baseline, path: str | os.PathLike) -> Path:
     import h5py
 
     path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
-        with h5py.File(tmp, "w") as f:
+        with written_to_temp(path) as tmp, h5py.File(tmp, "w") as f:
             f.attrs["format"] = FORMAT_NAME
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["created"] = base.created
@@ -1143,12 +1143,8 @@ def save_baseline(base: Baseline, path: str | os.PathLike) -> Path:
                     k.create_dataset("scale", data=rb.scale.astype(np.float32))
                     for s in base.statistics:
                         k.create_dataset(f"{s}_calib", data=np.array(rb.calib[s], dtype=np.float64))
-        os.replace(tmp, path)
     except OSError as exc:
         raise BaselineError(f"cannot write the CF baseline {path}: {exc.strerror or exc}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

@@ -220,9 +220,8 @@ def test_a_missing_bundle_is_a_usage_error_in_every_command(argv, tmp_path, caps
 def test_write_errors_name_the_file_asked_for_not_its_temporary_name():
     from workbench.cli import user_path
 
-    assert user_path("/d/.incident.h5.1a2b3c4d.tmp") == "/d/incident.h5"  # bundle writer, certificate JSON
-    assert user_path("/d/.cert.json.k_9xQ2ab.tmp") == "/d/cert.json"      # tempfile.mkstemp
-    assert user_path("/d/cf.h5.tmp12345") == "/d/cf.h5"                   # CF result writer
+    assert user_path("/d/.incident.h5.1a2b3c4d.tmp") == "/d/incident.h5"  # every writer (engine.atomic)
+    assert user_path("/d/.cert.json.k_9xQ2ab.tmp") == "/d/cert.json"      # tempfile.mkstemp's letters
     assert user_path("/d/plain.tmp") == "/d/plain.tmp" and user_path("notes.txt") == "notes.txt"
     assert user_path(None) == ""
 

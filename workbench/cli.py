@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -106,18 +105,12 @@ def require_bundle(path: str) -> Path:
     return p
 
 
-#: the temporary names the engine writes to before renaming (engine/bundle/writer.py, engine/cf.py,
-#: engine/certificate.py): ``.NAME.XXXXXXXX.tmp`` and ``NAME.tmpPID``
-_TEMP_NAME = re.compile(r"^\.(?P<a>.+)\.[A-Za-z0-9_]{8}\.tmp$|^(?P<b>.+)\.tmp\d+$")
-
-
 def user_path(filename) -> str:
-    """The path to name in an error: the file the user asked for, not the temporary name it was being written to."""
-    if not filename:
-        return ""
-    p = Path(os.fsdecode(filename))
-    m = _TEMP_NAME.match(p.name)
-    return str(p.with_name(m.group("a") or m.group("b"))) if m else str(p)
+    """The path to name in an error: the file the user asked for, not the temporary name it was being written to
+    (``engine.atomic``: every file is written to ``.NAME.XXXXXXXX.tmp`` beside it, then renamed)."""
+    from engine.atomic import target_of
+
+    return str(target_of(filename)) if filename else ""
 
 
 def positive_int(text: str) -> int:

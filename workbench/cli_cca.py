@@ -11,9 +11,7 @@ usage or a missing file; 3 = bad input (a corrupt bundle, nothing to fix).
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 EXIT_OK, EXIT_MISSED, EXIT_USAGE, EXIT_ERROR = 0, 1, 2, 3
@@ -87,23 +85,12 @@ def write_result(out: Path, text: str) -> None:
     name another file could already have) and a rename, with the permissions of any new file. On an OS error the
     temporary file is removed, ``out`` is left as it was, and the error names ``out`` (what the user asked for),
     never the temporary name."""
-    from workbench.cli import user_path
+    from engine.atomic import write_text
 
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent))
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        mask = os.umask(0)  # mkstemp makes the file owner-only; a written result gets 0666 & ~umask
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, out)
-        tmp = None
+        write_text(out, text)
     except OSError as exc:  # whatever failed (the temporary file, the rename), writing ``out`` did
-        raise OSError(exc.errno, exc.strerror or str(exc), user_path(out)) from None
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror or str(exc), str(out)) from None
 
 
 def _pct(x) -> str:

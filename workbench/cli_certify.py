@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 EXIT_OK, EXIT_NOT_CERTIFIED, EXIT_USAGE, EXIT_ERROR, EXIT_INCOMPLETE = 0, 1, 2, 3, 4
@@ -128,26 +127,13 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def _write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file beside it and a rename (permissions as a new file)."""
+    from engine.atomic import write_text
     from workbench.cli import CliError
 
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        _chmod_new(tmp)
-        os.replace(tmp, path)
+        write_text(path, text)
     except OSError as exc:
         raise CliError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-
-
-def _chmod_new(path) -> None:
-    mask = os.umask(0)  # mkstemp makes the file owner-only; a written file gets 0666 & ~umask
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
 
 
 def _write_json(d: dict, path: Path) -> None:
@@ -316,6 +302,7 @@ def _render(doc: dict, pdf: Path, json_path: Path) -> None:
     both were written (and the first renamed is removed again if the second rename fails), so the PDF is never left
     without its JSON. The JSON is validated before either is written, so an invalid certificate leaves no files
     behind. Errors name the user's paths, never a temporary one."""
+    from engine.atomic import discard, publish, temp_beside
     from engine.certificate import certificate_json_text
     from engine.errors import CertificateError
     from workbench.cli import CliError
@@ -327,40 +314,32 @@ def _render(doc: dict, pdf: Path, json_path: Path) -> None:
         from workbench.pdf import render_certificate_pdf
     except ImportError as exc:
         raise CliError(f"the PDF needs Qt (PySide6), which cannot be loaded: {exc}") from None
-    tmps: list[str] = []
+    tmps: list[Path] = []
     try:
         try:
             for final in (pdf, json_path):
-                fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=str(final.parent))
-                os.close(fd)
-                tmps.append(tmp)
+                tmps.append(temp_beside(final))
         except OSError as exc:
             raise CliError(f"cannot write {pdf if len(tmps) == 0 else json_path}: {exc.strerror or exc}") from None
         tmp_pdf, tmp_json = tmps
         try:
             render_certificate_pdf(doc, tmp_pdf)
         except CertificateError as exc:
-            raise CertificateError(str(exc).replace(tmp_pdf, str(pdf))) from None
+            raise CertificateError(str(exc).replace(str(tmp_pdf), str(pdf))) from None
         except OSError as exc:
             raise CliError(f"cannot write {pdf}: {exc.strerror or exc}") from None
         try:
-            with open(tmp_json, "w", encoding="utf-8") as f:
-                f.write(text)
-            _chmod_new(tmp_json)
+            tmp_json.write_text(text, encoding="utf-8")
+            publish(tmp_json, json_path)
         except OSError as exc:
             raise CliError(f"cannot write {json_path}: {exc.strerror or exc}") from None
         try:
-            os.replace(tmp_json, json_path)
-        except OSError as exc:
-            raise CliError(f"cannot write {json_path}: {exc.strerror or exc}") from None
-        try:
-            os.replace(tmp_pdf, pdf)
+            publish(tmp_pdf, pdf)
         except OSError as exc:
             json_path.unlink(missing_ok=True)  # no certificate JSON without its PDF either
             raise CliError(f"cannot write {pdf}: {exc.strerror or exc}") from None
     finally:
-        for tmp in tmps:
-            Path(tmp).unlink(missing_ok=True)
+        discard(tmps)
 
 
 def cmd_verify(args) -> int:

@@ -25,7 +25,6 @@ import html
 import math
 import os
 import sys
-import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -1434,13 +1433,6 @@ assert len(PAGES) == PAGE_COUNT
 # ----------------------------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------------------------
-def _chmod_like_new_file(path: str | os.PathLike) -> None:
-    """``mkstemp`` creates files readable by their owner only; give the final file the usual ``0666 & ~umask``."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
 def render_certificate_pdf(doc: Mapping, path: str | os.PathLike) -> Path:
     """Write the certificate ``doc`` as an A4 PDF of :data:`PAGE_COUNT` pages at ``path`` (temp file + rename).
 
@@ -1455,6 +1447,7 @@ def render_certificate_pdf(doc: Mapping, path: str | os.PathLike) -> Path:
         CertificateError: the certificate is invalid or the PDF cannot be written.
         RuntimeError: called off the Qt application's thread.
     """
+    from engine.atomic import publish, temp_beside
     from engine.certificate import validate_certificate
 
     validate_certificate(doc)
@@ -1466,10 +1459,9 @@ def render_certificate_pdf(doc: Mapping, path: str | os.PathLike) -> Path:
     out = Path(path)
     if not out.parent.is_dir():
         raise CertificateError(f"cannot write the PDF: folder {out.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent))
-    os.close(fd)
+    tmp = temp_beside(out)
     try:
-        writer = QPdfWriter(tmp)
+        writer = QPdfWriter(str(tmp))
         writer.setResolution(DPI)
         writer.setPageSize(QPageSize(QPageSize.PageSizeId.A4))
         writer.setPageMargins(QMarginsF(0, 0, 0, 0), QPageLayout.Unit.Point)
@@ -1498,12 +1490,11 @@ def render_certificate_pdf(doc: Mapping, path: str | os.PathLike) -> Path:
         finally:
             ok = painter.end()
         del painter, writer
-        if not ok or Path(tmp).stat().st_size == 0:
+        if not ok or tmp.stat().st_size == 0:
             raise CertificateError(f"cannot write the PDF {out} (Qt reported a write failure)")
-        _chmod_like_new_file(tmp)
-        os.replace(tmp, out)
+        publish(tmp, out)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return out
 

@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 
 from .. import __version__
+from ..atomic import written_to_temp
 from ..errors import BundleError
 from .schema import (ACTIVATION_COMPRESSION, CHUNK_POSITIONS, FORMAT_NAME, SCHEMA_VERSION, layer_group)
 
@@ -135,17 +136,11 @@ def write_bundle(path: str | os.PathLike, incident: Incident) -> Path:
     path = Path(path)
     if not path.parent.exists():
         raise BundleError(f"folder does not exist: {path.parent}")
-    tmp = path.with_name(f".{path.name}.{uuidlib.uuid4().hex[:8]}.tmp")
     try:
-        with h5py.File(tmp, "w", libver="latest") as f:
+        with written_to_temp(path) as tmp, h5py.File(tmp, "w", libver="latest") as f:
             _write(f, incident)
-        os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise BundleError(f"cannot write bundle {path}: {exc.strerror or str(exc).splitlines()[0][:200]}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -175,6 +175,7 @@ def test_save_and_load_set_json(window, editor, qtbot, tmp_path, monkeypatch):
     editor.save_action.trigger()
     saved = InterventionSet.from_json(out.read_text())
     assert saved.interventions == ivs and saved.name == "set"
+    assert [f.name for f in tmp_path.iterdir()] == ["set.json"]       # written through a temporary name, renamed
     # clear, then load it back: one undoable step, replayed
     _wait_replay(qtbot, editor, editor.clear_action.trigger)
     assert editor.rows == []

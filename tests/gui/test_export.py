@@ -348,3 +348,24 @@ def test_cancel_while_the_pdf_is_drawn_writes_nothing(qtbot, window, demo_bundle
     assert "nothing was written" in status(window) and boxes == []
     qtbot.waitUntil(lambda: not window.runner.busy, timeout=10_000)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_files_are_in_place_even_if_the_result_never_reaches_the_window(qtbot, window, demo_bundle, tmp_path,
+                                                                         save_as, boxes, monkeypatch):
+    """The job renames its files into place itself: a window closed in the instant after the job returned (so its
+    result slot never runs) leaves the finished certificate, not hidden ``.NAME.XXXXXXXX.tmp`` files."""
+    from engine.certificate import load_certificate
+    from workbench.views import export
+
+    _, cca, _ = demo_evidence(demo_bundle)
+    window.session.set_cca(cca)
+    window.session.set_cf(demo_cf(demo_bundle))
+    monkeypatch.setattr(export.CertificateExport, "_on_finished", lambda self, name, result: None)
+    pdf = tmp_path / "closed.pdf"
+    save_as(pdf)
+    window.act_export.trigger()
+    qtbot.waitUntil(lambda: window.runner.is_running(export.JOB), timeout=10_000)
+    qtbot.waitUntil(lambda: not window.runner.is_running(export.JOB), timeout=TIMEOUT_MS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["closed.cca.json", "closed.cf.json", "closed.json",
+                                                          "closed.pdf"]
+    assert pdf.read_bytes().startswith(b"%PDF") and load_certificate(pdf.with_suffix(".json"))["cca"] is not None

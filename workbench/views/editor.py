@@ -809,9 +809,11 @@ class EditorView(QWidget):
         path, _ = QFileDialog.getSaveFileName(self, "Save intervention set", start, SET_FILTER)
         if not path:
             return
+        from engine.atomic import write_text
+
         text = InterventionSet(ivs, Path(path).stem).to_json(indent=2)
         try:
-            Path(path).write_text(text + "\n", encoding="utf-8")
+            write_text(path, text + "\n")        # a temporary name, then renamed: a failure keeps the old file
         except OSError as exc:
             QMessageBox.warning(self, "Save intervention set", f"{path}\n\n{exc}")
             return

@@ -13,7 +13,7 @@ the certificate's reproduction commands name), all to temporary names, and has t
 JSON by a child process (``python -m workbench.pdf``, ~2.5 s, most of it Qt starting): ``workbench.pdf`` paints with
 QPdfWriter/QPainter/QTextDocument, which must run on a process's GUI thread — drawing on this process's GUI thread
 froze the window 0.3–2 s, and drawing on the engine thread deadlocked in QTextDocument (a PySide6 lock-order
-inversion with the GIL).  Once every file is there the GUI thread renames them into place; a failure or a cancel
+inversion with the GIL).  Once every file is there the job renames them into place; a failure or a cancel
 removes them.  Results computed here are also published to the session, so the CF and CCA views show them.  A
 failure shows a dialog and a status message; success a status message naming every file written.
 """
@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from PySide6.QtCore import QObject, Signal, Slot
@@ -36,14 +35,6 @@ OBJECT_NAME = "certificate-export"
 NO_SET_TEXT = ("The CCA run was cancelled before it found a fix set, so there is no partial result to certify "
                "(a certificate names a fix set).")
 ANALYSIS_JOBS = {"cf": "CF", "cca": "CCA", "review": "re-evaluation"}   # the CF, CCA and review views' jobs
-
-
-def _unique_tmp(target: Path) -> Path:
-    """A temporary name of our own beside ``target``, created empty (a fixed ``.NAME.tmp`` would overwrite, then
-    delete, a user's file of that name)."""
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent))
-    os.close(fd)
-    return Path(name)
 
 
 def _draw_pdf_in_child(cert_json: Path, pdf_tmp: Path, final: Path, cancel) -> bool:
@@ -87,26 +78,39 @@ def _write_json(doc: dict, json_path: Path, results: list) -> list[tuple[str, st
     """Write the certificate JSON and the CF / CCA results it names (engine thread) to temporary names beside
     their targets; returns ``[(temporary, target), ...]``.  :meth:`CertificateExport._write` renames them once the
     PDF is drawn (so a failed PDF leaves every earlier file as it was).  On a failure removes what it wrote."""
+    from engine.atomic import discard, temp_beside
     from engine.certificate import write_certificate
-    from workbench.pdf import _chmod_like_new_file
 
     pairs: list[tuple[str, str]] = []
     try:
-        tmp = _unique_tmp(json_path)
+        tmp = temp_beside(json_path)
         pairs.append((str(tmp), str(json_path)))
         write_certificate(doc, tmp)
         # the results are kept beside the certificate: its reproduction commands name them (certify --result/--cf)
         for obj, path in results:
-            path = Path(path)
-            tmp = _unique_tmp(path)
+            tmp = temp_beside(path)
             pairs.append((str(tmp), str(path)))
             tmp.write_text(json.dumps(obj.to_dict(), indent=1) + "\n", encoding="utf-8")
-            _chmod_like_new_file(tmp)
     except BaseException:
-        for t, _ in pairs:
-            Path(t).unlink(missing_ok=True)
+        discard(t for t, _ in pairs)
         raise
     return pairs
+
+
+def _publish_all(pairs: list[tuple[str, str]]) -> list[str]:
+    """Rename every ``(temporary, target)`` into place, in order; returns the targets.  On a failure removes the
+    temporaries not yet renamed and raises."""
+    from engine.atomic import discard, publish
+
+    done: list[str] = []
+    try:
+        for tmp, target in pairs:
+            publish(tmp, target)
+            done.append(target)
+    except BaseException:
+        discard(t for t, _ in pairs[len(done):])
+        raise
+    return done
 
 
 def default_pdf_path(session) -> Path:
@@ -164,6 +168,7 @@ class CertificateExport(QObject):
         steps = 2 + (cf_given is None) + (cca_given is None)
 
         def job(emit, cancel):
+            from engine.atomic import discard, temp_beside
             from engine.certificate import build_certificate, reproduction_commands
             from engine.errors import CFError
             from engine.replay import replay
@@ -211,7 +216,8 @@ class CertificateExport(QObject):
                                     commands=commands)
             if cancel.is_set():
                 return None
-            # every file is written here, off the GUI thread, to temporary names; _on_finished renames them
+            # every file is written here, off the GUI thread, to temporary names, and renamed into place once the
+            # PDF is drawn (here too: a window closed before the result's slot runs leaves no temporary files)
             say("writing the certificate JSON")
             results = {"cca": (cca, cca_path), "cf": (cf, cf_path)}
             written = _write_json(doc, json_path, [(obj, path) for obj, path in results.values() if obj is not None])
@@ -219,18 +225,19 @@ class CertificateExport(QObject):
             try:    # the PDF in a child process (see the module docstring)
                 say(f"drawing {pdf.name} (in a separate process)")
                 cert_tmp = Path(written[0][0])
-                pdf_tmp = _unique_tmp(pdf)
+                pdf_tmp = temp_beside(pdf)
                 written.insert(0, (str(pdf_tmp), str(pdf)))
-                drawn = _draw_pdf_in_child(cert_tmp, pdf_tmp, pdf, cancel)
+                drawn = _draw_pdf_in_child(cert_tmp, pdf_tmp, pdf, cancel) and not cancel.is_set()
             finally:
                 if not drawn:         # failed or cancelled: nothing of this export is left behind
-                    for tmp, _ in written:
-                        Path(tmp).unlink(missing_ok=True)
+                    discard(tmp for tmp, _ in written)
             if not drawn:
                 return None
+            say("renaming the files into place")
+            targets = _publish_all(written)      # the PDF first, then the JSON files
             return {"doc": doc, "cf": cf, "cca": cca, "cf_computed": cf_given is None and cf is not None,
                     "cca_computed": cca_given is None, "cf_path": str(cf_path), "cca_path": str(cca_path),
-                    "note": cf_note, "written": written}
+                    "note": cf_note, "written": targets}
 
         self._bundle = bundle
         self._job = self.runner.submit(JOB, job)
@@ -288,16 +295,8 @@ class CertificateExport(QObject):
 
     # ------------------------------------------------------------------ helpers
     def _write(self, result: dict) -> None:
-        """Rename the files the job wrote (PDF first, then the JSON files) into place."""
-        pairs = list(result.get("written") or [])
-        try:
-            for tmp, target in pairs:
-                os.replace(tmp, target)
-                self.written.append(target)
-        except BaseException:
-            for tmp, _ in pairs[len(self.written):]:
-                Path(tmp).unlink(missing_ok=True)
-            raise
+        """Note the files the job wrote (the PDF first, then the JSON files) and publish its results."""
+        self.written = list(result.get("written") or [])
         if self.session.bundle is self._bundle:   # the views show what the certificate carries
             if result.get("cf_computed") and (self.session.cf is None or self.session.cf.partial):
                 self.session.set_cf(result["cf"])
