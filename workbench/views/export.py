@@ -76,7 +76,7 @@ def _draw_pdf_in_child(cert_json: Path, pdf_tmp: Path, final: Path, cancel) -> b
 
 def _write_json(doc: dict, json_path: Path, results: list) -> list[tuple[str, str]]:
     """Write the certificate JSON and the CF / CCA results it names (engine thread) to temporary names beside
-    their targets; returns ``[(temporary, target), ...]``.  :meth:`CertificateExport._write` renames them once the
+    their targets; returns ``[(temporary, target), ...]``.  The job renames them (:func:`_publish_all`) once the
     PDF is drawn (so a failed PDF leaves every earlier file as it was).  On a failure removes what it wrote."""
     from engine.atomic import discard, temp_beside
     from engine.certificate import write_certificate
@@ -120,8 +120,8 @@ def default_pdf_path(session) -> Path:
 
 
 class CertificateExport(QObject):
-    """One export in flight: the engine job (which has the PDF drawn by a child process), then the files renamed
-    into place on the GUI thread.
+    """One export in flight: the engine job (which has the PDF drawn by a child process and renames every file
+    into place), then its results published to the session on the GUI thread.
 
     Signals:
         done(pdf_path, json_path): both files are written.
