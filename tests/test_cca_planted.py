@@ -40,6 +40,13 @@ def test_fix_set_lands_on_the_planted_layer(layer, tmp_path):
     with torch_threads(1), open_bundle(path) as b:
         alt = evaluate_fix_set(b, h, [Intervention(0, "resid_pre", (last,), "mean")], n_controls=0)
     assert alt.flipped and alt.side_effect_rate > 0.5
+    # the fix set with an element that does nothing added: still a fix, but not 1-minimal, and the criterion says
+    # which element is not needed
+    padded = [res.fix_set[0].intervention, Intervention(0, "attn", (0,), "mean")]
+    with torch_threads(1), open_bundle(path) as b:
+        more = evaluate_fix_set(b, h, padded, n_controls=0)
+    assert more.flipped and not more.one_minimal and not more.criteria["one_minimal"]["ok"]
+    assert [e.drop_one_failing for e in more.fix_set] == [True, False]
 
 
 def test_redundant_plant_needs_both_layers(tmp_path):

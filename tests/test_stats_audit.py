@@ -59,6 +59,8 @@ def test_claims_against_the_control_rate_need_a_measured_control_rate():
         _fdr(res)
         assert not any("control_rate" in k for k in res.fdr), res.fdr
         assert "side_effects_below_5pct" in res.fdr
+        # 0 of 96 benign prompts changed: the one-sided test that the side-effect rate is below 5%
+        assert res.evidence["claim_p_values"]["side_effects_below_5pct"] == pytest.approx(0.95 ** 96)
     measured = _result({"first_block_flips": 3, "first_block_rows": 200}, 200, 1 / 201)
     _fdr(measured)
     rate = 4 / 201

@@ -39,6 +39,20 @@ def positions_text(positions) -> str:
     return "all" if positions == "all" else ", ".join(str(p) for p in positions)
 
 
+def tokens_text(positions, tokens, limit: int = 4) -> str:
+    """The tokens at ``positions`` as the browser labels them (``“:”, “·HACKED” +2 more``); ``every token`` for
+    ``all``; empty when the bundle's tokens are not known."""
+    from workbench.views.browser import token_label
+
+    if positions == "all":
+        return "every token"
+    if not tokens:
+        return ""
+    ps = [int(p) for p in positions]
+    shown = [f"\u201c{token_label(str(tokens[p]))}\u201d" for p in ps[:limit] if 0 <= p < len(tokens)]
+    return ", ".join(shown) + (f" +{len(ps) - limit} more" if len(ps) > limit else "")
+
+
 def make_table(headers: list[str]) -> QTableWidget:
     t = QTableWidget(0, len(headers))
     t.setHorizontalHeaderLabels(headers)
@@ -69,11 +83,13 @@ def _item(text: str, numeric: bool = False) -> QTableWidgetItem:
     return it
 
 
-FIX_SET_HEADERS = ["#", "layer", "site", "positions", "op", "drop-one metric", "necessary", "alone metric"]
+FIX_SET_HEADERS = ["#", "layer", "site", "positions", "op", "drop-one metric", "necessary", "alone metric",
+                   "tokens"]
 
 
-def fill_fix_set_table(table: QTableWidget, result, first_col: int = 0) -> None:
-    """One row per fix-set element: where, what, and its drop-one / single effects.
+def fill_fix_set_table(table: QTableWidget, result, first_col: int = 0, tokens=None) -> None:
+    """One row per fix-set element: where, what, its drop-one / single effects, and the tokens it acts at
+    (``tokens``: the bundle's tokens).
 
     Columns start at ``first_col`` (the review view puts its accept checkbox in column 0).
     """
@@ -87,7 +103,7 @@ def fill_fix_set_table(table: QTableWidget, result, first_col: int = 0) -> None:
             f"{OK_MARK} yes" if el.drop_one_failing else f"{FAIL_MARK} no")
         cells = [(str(r + 1), True), (str(iv.layer), True), (iv.component, False),
                  (positions_text(iv.positions), False), (op, False), (_fmt(el.drop_one_metric), True),
-                 (necessary, False), (_fmt(el.single_metric), True)]
+                 (necessary, False), (_fmt(el.single_metric), True), (tokens_text(iv.positions, tokens), False)]
         for c, (text, num) in enumerate(cells):
             it = _item(text, num)
             if c == 6 and text != "—":
@@ -95,7 +111,8 @@ def fill_fix_set_table(table: QTableWidget, result, first_col: int = 0) -> None:
                 it.setToolTip("removing this element makes the incident fail again" if el.drop_one_failing else
                               "the incident stays fixed without this element")
             if c == 5:
-                it.setToolTip("search metric (logit margin; > 0 = fails) of the incident with this element removed from the set")
+                it.setToolTip("search metric (logit margin; > 0 = fails) of the incident with this element removed "
+                              "from the set")
             if c == 7:
                 it.setToolTip("search metric (logit margin; > 0 = fails) of the incident with this element alone")
             table.setItem(r, first_col + c, it)
@@ -518,7 +535,7 @@ class CCAView(QWidget):
         self.result = result
         self._trace = list(result.trace)
         self.trace_curve.setData(*trace_points(self._trace))
-        fill_fix_set_table(self.fix_table, result)
+        fill_fix_set_table(self.fix_table, result, tokens=getattr(self.session.bundle, "tokens", None))
         self._cap_fix_table(min(4, max(1, self.fix_table.rowCount())))
         fill_criteria_table(self.criteria_table, result)
         kind = self.session.bundle.failure.kind if self.session.bundle is not None else None

@@ -127,8 +127,8 @@ class CFView(QWidget):
 
         self.plot = AnomalyBarPlot()
         self.plot.setMinimumHeight(220)
-        self.findings = QTableWidget(0, 6)
-        self.findings.setHorizontalHeaderLabels(["#", "layer", "site", "positions", "score", "p-value"])
+        self.findings = QTableWidget(0, 7)
+        self.findings.setHorizontalHeaderLabels(["#", "layer", "site", "positions", "score", "p-value", "tokens"])
         self.findings.verticalHeader().setVisible(False)
         self.findings.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.findings.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
@@ -357,11 +357,15 @@ class CFView(QWidget):
         self.verdict_label.setText(detail)
 
     def _fill_findings(self, result) -> None:
+        from workbench.views.cca_view import tokens_text
+
         rows = result.findings
+        tokens = getattr(self.session.bundle, "tokens", None)
         self.findings.setRowCount(len(rows))
         for r, f in enumerate(rows):
             positions = ", ".join(str(p) for p in f.positions)
-            values = [str(r + 1), str(f.layer), f.site, positions, _fmt(f.score), _fmt(f.p_value)]
+            values = [str(r + 1), str(f.layer), f.site, positions, _fmt(f.score), _fmt(f.p_value),
+                      tokens_text(f.positions, tokens)]
             for c, text in enumerate(values):
                 item = QTableWidgetItem(text)
                 if c in (0, 1, 4, 5):

@@ -321,7 +321,7 @@ class ReviewView(QWidget):
     def _fill(self, result) -> None:
         self._filling = True
         try:
-            fill_fix_set_table(self.elements, result, first_col=1)
+            fill_fix_set_table(self.elements, result, first_col=1, tokens=getattr(self.session.bundle, "tokens", None))
             for r in range(len(result.fix_set)):
                 box = QTableWidgetItem("")
                 box.setFlags(Qt.ItemFlag.ItemIsUserCheckable | Qt.ItemFlag.ItemIsEnabled | Qt.ItemFlag.ItemIsSelectable)
