@@ -112,3 +112,20 @@ def test_search_metric_is_the_smallest_margin_of_the_recorded_path(tiny_gpt2, tm
         wrecked = InterventionSet((Intervention(1, "resid_post", (b.n_prompt_tokens - 1,), "scale", value=-50.0),))
         r = I.evaluate_tf([wrecked])[0]
         assert r.metric < 0 and not r.failing
+
+
+def test_fraction_of_activations_counts_the_values_each_intervention_touches(tiny_gpt2):
+    """The minimality criterion's "fraction of recorded activation values touched": whole sites count d_model
+    values per position, heads d_head per head, units one per unit; over layers x sites x positions x d_model."""
+    from types import SimpleNamespace
+
+    from engine.cca import fraction_touched
+    from engine.interventions import Intervention
+
+    h = tiny_gpt2
+    b = SimpleNamespace(n_positions=10, sites=("resid_pre", "attn", "mlp", "resid_post"))
+    ivs = [Intervention(0, "attn", (3, 4), "mean"),                       # 2 positions x d_model
+           Intervention(1, "head", (5,), "zero", indices=(0, 1)),         # 1 position x 2 heads x d_head
+           Intervention(1, "mlp", "all", "zero", indices=(7,))]           # 10 positions x 1 unit
+    touched = 2 * h.d_model + 2 * h.d_head + 10
+    assert fraction_touched(b, h, ivs) == pytest.approx(touched / (h.n_layers * 4 * 10 * h.d_model))
