@@ -47,6 +47,11 @@ def test_fix_set_lands_on_the_planted_layer(layer, tmp_path):
         more = evaluate_fix_set(b, h, padded, n_controls=0)
     assert more.flipped and not more.one_minimal and not more.criteria["one_minimal"]["ok"]
     assert [e.drop_one_failing for e in more.fix_set] == [True, False]
+    # the idle element alone: no fix, and transplanting the failing run's activations there into the benign
+    # counterparts re-creates the failure in none of them
+    with torch_threads(1), open_bundle(path) as b:
+        idle = evaluate_fix_set(b, h, padded[1:], n_controls=0)
+    assert not idle.flipped and idle.flip_rate == 0.0 and idle.sufficiency_rate == 0.0 and idle.n_sufficiency > 0
 
 
 def test_redundant_plant_needs_both_layers(tmp_path):
@@ -90,3 +95,31 @@ def test_token_ablations_are_group_tested_on_a_long_prompt(tmp_path):
     trigger = [r for r in res.ranking["selection"] if r["set"] == [f"L0.resid_pre@{n - 1}:mean"]]
     assert trigger, "the trigger's token ablation fixes teacher-forced and was evaluated alone"
     assert [e.intervention.describe() for e in res.fix_set] == [f"L2.mlp@{n - 1}:mean"]
+
+
+def test_side_effect_kl_is_kl_of_the_baseline_from_the_intervened_distribution(tmp_path):
+    """Each side-effect row's KL is KL(baseline || intervened) of the next-token distribution after the prompt
+    (documented direction), checked against plain forwards of the same prompts."""
+    import torch
+
+    from engine.behaviour import encode
+    from engine.interventions import InterventionSet, run_with_interventions
+
+    path = tmp_path / "planted.h5"
+    iv = Intervention(1, "resid_post", "all", "scale", value=0.2)
+    with torch_threads(1):
+        h = planted_bundle(path, (1,))
+        with open_bundle(path) as b:
+            res = evaluate_fix_set(b, h, [iv], n_controls=0)
+            prompts = list(b.prompt_sets["benign_heldout"])[:6]
+        rows = {r["prompt"]: r for r in res.side_effects}
+        kls = []
+        for p in prompts:
+            ids = encode(h, p)["input_ids"]
+            with torch.no_grad():
+                lp0 = torch.log_softmax(h.model(ids).logits[0, -1].float(), -1)
+                lp1 = torch.log_softmax(run_with_interventions(h, ids, [InterventionSet((iv,))])[0, -1].float(), -1)
+            kls.append(float((lp0.exp() * (lp0 - lp1)).sum()))
+            reverse = float((lp1.exp() * (lp1 - lp0)).sum())
+            assert rows[p]["kl"] == pytest.approx(kls[-1], rel=1e-3, abs=1e-6), (p, reverse)
+    assert max(kls) > 1e-3            # the scale changes the distributions: the check is not 0 == 0
