@@ -164,6 +164,21 @@ def test_tampered_activation_is_named(gpt2_bundle, tmp_path):
     assert report.site_max_abs_diff["1.mlp"] == pytest.approx(0.5, rel=1e-3)
 
 
+def test_a_recorded_logit_one_ulp_off_is_not_bit_identical(gpt2_bundle, tmp_path):
+    """Replay proves bit identity, not closeness: one logit moved by one float32 ulp fails the logits check."""
+    def edit(f):
+        ds = f["output/logits"]
+        v = ds[0, 0]
+        ds[0, 0] = np.nextafter(v, np.float32(np.inf), dtype=np.float32)
+
+    path = _tampered_copy(gpt2_bundle, tmp_path / "logit.h5", edit)
+    report = replay(path)
+    assert not report.bit_identical
+    chk = _check(report, "logits")
+    assert not chk.ok and "max abs diff" in chk.detail and 0 < report.logits_max_abs_diff < 1e-4
+    assert _check(report, "weights").ok and _check(report, "activations").ok
+
+
 def test_tampered_tokenizer_is_named(gpt2_bundle, tmp_path):
     def edit(f):
         files = f["tokenizer/files"]

@@ -199,7 +199,7 @@ def _iv(model, comp, op, layer=1, positions=POSITIONS):
         values = tuple(float(v) for v in torch.linspace(-1, 1, n))
     else:
         values = None
-    return Intervention(layer, comp, positions, op, indices=indices, value=0.5 if op == "scale" else None,
+    return Intervention(layer, comp, positions, op, indices=indices, value=-0.5 if op == "scale" else None,
                         values=values)
 
 
