@@ -151,6 +151,8 @@ def test_missed_criterion_is_named_with_its_size(bundles, tmp_path, capsys):
     assert len(missed) == 1 and "p_value" in missed[0], out
     assert "p = 0.0196 from 50 controls" in missed[0] and "fewer than 200 controls" in missed[0]
     assert "0.0096 above 0.01" in missed[0]
+    element = [ln for ln in out.splitlines() if ln.startswith("    L0.attn@15")]   # the demo's fix, and its token
+    assert len(element) == 1 and element[0].endswith("(necessary) at ':'"), out
 
 
 @pytest.fixture(scope="module")

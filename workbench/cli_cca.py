@@ -93,6 +93,16 @@ def write_result(out: Path, text: str) -> None:
         raise OSError(exc.errno, exc.strerror or str(exc), str(out)) from None
 
 
+def _at_tokens(bundle, positions, limit: int = 4) -> str:
+    """`` at ':'`` / `` at 'a', 'b' +3 more``: the tokens an element acts at (nothing for ``all``)."""
+    toks = list(getattr(bundle, "tokens", None) or [])
+    if positions == "all" or not toks:
+        return ""
+    ps = [int(p) for p in positions]
+    shown = ", ".join(repr(toks[p]) for p in ps[:limit] if 0 <= p < len(toks))
+    return f" at {shown}" + (f" +{len(ps) - limit} more" if len(ps) > limit else "") if shown else ""
+
+
 def _pct(x) -> str:
     return "n/a" if x is None else f"{x:.1%}"
 
@@ -143,7 +153,8 @@ def cmd_cca(args) -> int:
               f"{res.fixed_metric:.3f} ({search_metric_name(bundle.failure.kind)}; > 0 = fails)")
         for e in res.fix_set:
             print(f"    {e.intervention.describe():32s} alone {e.single_metric:9.3f}   without it {e.drop_one_metric:9.3f}"
-                  + (f" ({'necessary' if e.drop_one_failing else 'not necessary'})" if res.flipped else ""))
+                  + (f" ({'necessary' if e.drop_one_failing else 'not necessary'})" if res.flipped else "")
+                  + _at_tokens(bundle, e.intervention.positions))
         inc = res.evidence.get("incident", {})
         if "fixed_output" in inc:
             print(f"  output: {inc['baseline_output']!r} -> {inc['fixed_output']!r}")
