@@ -19,6 +19,7 @@ import h5py
 import numpy as np
 import pytest
 
+from engine.stats import wilson_interval
 from test_certificate import demo_cf, demo_evidence
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "QT_QPA_PLATFORM": "offscreen"}
@@ -128,7 +129,8 @@ def test_verify_certificate_names_what_was_altered(certified, demo_bundle, tmp_p
 
 def test_verify_certificate_fails_a_tampered_certificate(capsys, certified, demo_bundle, tmp_path):
     """Numbers changed in the certificate, each caught: the verdict text, the metric, the share of activations
-    touched, an impossible p-value (1e-9 from 200 control sets: at least 1/201), a CF score and the CF run verdict."""
+    touched, an impossible p-value (1e-9 from 200 control sets: at least 1/201), the flip rate (with its interval),
+    the side-effect rate, 1-minimality, a CF score and the CF run verdict."""
     _, _, js = certified
     doc = json.loads(js.read_text(encoding="utf-8"))
     cca = doc["cca"]
@@ -137,6 +139,11 @@ def test_verify_certificate_fails_a_tampered_certificate(capsys, certified, demo
     cca["fraction_of_activations"] = cca["fraction_of_activations"] / 4
     cca["n_controls"], cca["control_flip_rates"] = 200, (cca["control_flip_rates"] * 20)[:200]
     cca["p_value"] = 1e-9
+    # rates that are whole counts and a matching interval, but not what the set does: 36 of 40 variants flipped
+    # (all 40 do), 2 of 96 benign prompts changed (none do, and the tolerance is one prompt), not 1-minimal
+    cca["flip_rate"], cca["flip_rate_ci"] = 36 / 40, list(wilson_interval(36, 40))
+    cca["side_effect_rate"] = 2 / cca["n_benign"]
+    cca["one_minimal"] = False
     site = next(s for s in doc["cf"]["scores"] if s["score"] is not None)
     site["score"] += 50.0
     doc["cf"]["run_anomalous"] = not doc["cf"]["run_anomalous"]
@@ -146,14 +153,19 @@ def test_verify_certificate_fails_a_tampered_certificate(capsys, certified, demo
     assert code == 1, out + err
     assert "Traceback" not in err
     failed = {ln.split("] ", 1)[1].split("  ")[0]: ln for ln in out.splitlines() if "[FAILED]" in ln}
-    assert set(failed) == {"verdict", "criteria", "fdr", "p-value", "fix: metric", "fix: fraction touched", "cf"}, out
+    assert set(failed) == {"verdict", "criteria", "fdr", "p-value", "fix: metric", "fix: fraction touched", "cf",
+                           "evidence counts", "fix: 1-minimal", "fix: flip rate", "fix: side effects"}, out
+    assert "100% of 40 variants (certified 90% of 40, 95% CI 76.9%–96%)" in failed["fix: flip rate"]
+    assert "0% (certified 2.1%; tolerance one prompt of 96)" in failed["fix: side effects"]
+    assert "but the per-prompt rows show 0/96 changed" in failed["evidence counts"]
+    assert "1-minimal yes (certified no)" in failed["fix: 1-minimal"]
     assert "not the sentence the certificate's numbers give" in failed["verdict"]
     assert "impossible" in failed["p-value"] and "1/201" in failed["p-value"]
     assert "baseline 17.5187 vs certified 99" in failed["fix: metric"]
     assert f"score {site['layer']}.{site['site']}" in failed["cf"] and "run verdict" in failed["cf"]
     assert any("[    ok] replay" in ln for ln in out.splitlines())  # the bundle itself is intact
-    assert out.splitlines()[-1] == ("NOT VERIFIED: verdict, criteria, fdr, p-value, fix: metric, fix: fraction "
-                                    "touched, cf")
+    assert out.splitlines()[-1] == ("NOT VERIFIED: verdict, criteria, fdr, evidence counts, p-value, fix: metric, "
+                                    "fix: fraction touched, fix: 1-minimal, fix: flip rate, fix: side effects, cf")
 
 
 def test_a_claim_that_cannot_be_checked_is_not_a_failure(capsys, certified, demo_bundle, tmp_path):
