@@ -94,13 +94,14 @@ def write_result(out: Path, text: str) -> None:
 
 
 def _at_tokens(bundle, positions, limit: int = 4) -> str:
-    """`` at ':'`` / `` at 'a', 'b' +3 more``: the tokens an element acts at (nothing for ``all``)."""
-    toks = list(getattr(bundle, "tokens", None) or [])
-    if positions == "all" or not toks:
+    """`` at ':'`` / `` at 'a', 'b', 'c', 'd' +3 more``: the tokens an element acts at (nothing for ``all``)."""
+    from workbench.cli_cf import _token
+
+    if positions == "all" or not getattr(bundle, "tokens", None):
         return ""
-    ps = [int(p) for p in positions]
-    shown = ", ".join(repr(toks[p]) for p in ps[:limit] if 0 <= p < len(toks))
-    return f" at {shown}" + (f" +{len(ps) - limit} more" if len(ps) > limit else "") if shown else ""
+    ps = list(positions)
+    return (" at " + ", ".join(_token(bundle, int(p)) for p in ps[:limit])
+            + (f" +{len(ps) - limit} more" if len(ps) > limit else ""))
 
 
 def _pct(x) -> str:
