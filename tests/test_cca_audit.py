@@ -371,6 +371,29 @@ def test_control_sets_refuses_the_parameter_it_never_used():
     assert len({iv.layer for s in sets for iv in s.interventions}) > 1   # random blocks, as documented
 
 
+def test_control_sets_draw_layers_positions_and_units_uniformly():
+    """The p-value compares the fix with random sets of its size and components: layers uniform over the model,
+    positions uniform over the prompt (same count), head units uniform (same count), never the fix itself."""
+    from collections import Counter
+
+    from engine.cca import control_sets
+    from engine.interventions import Intervention
+
+    fix = [Intervention(0, "attn", (15,), "mean"), Intervention(2, "head", (3, 4), "mean", indices=(1,))]
+    n = 400
+    sets = control_sets(fix, 4, 16, n, 7, n_units={"head": 4})
+    assert len(sets) == n and all(len(s.interventions) == 2 for s in sets)
+    attn = [s.interventions[0] for s in sets]
+    head = [s.interventions[1] for s in sets]
+    assert all(iv.component == "attn" and len(iv.positions) == 1 for iv in attn)
+    assert all(iv.component == "head" and len(iv.positions) == 2 and len(iv.indices) == 1 for iv in head)
+    # 400 draws: each of 4 layers ~100 (sd ~8.7), each of 16 positions ~25 (sd ~4.8), each of 4 heads ~100
+    for counts, k in ((Counter(iv.layer for iv in attn), 4), (Counter(iv.positions[0] for iv in attn), 16),
+                      (Counter(iv.indices[0] for iv in head), 4)):
+        assert len(counts) == k and max(counts.values()) < 2 * n / k, counts
+    assert not any(s.interventions == tuple(fix) for s in sets)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # forensics cca --out: a unique temporary name beside the output, never named in an error
 # ---------------------------------------------------------------------------------------------------------------
