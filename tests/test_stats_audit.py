@@ -68,6 +68,11 @@ def test_claims_against_the_control_rate_need_a_measured_control_rate():
     assert measured.evidence["claim_p_values"]["variant_flip_rate_above_control_rate"] == pytest.approx(want)
     assert set(measured.fdr) == {"flip_rate_vs_controls", "variant_flip_rate_above_control_rate",
                                  "sufficiency_above_control_rate", "side_effects_below_5pct"}
+    # the reported q-values are Benjamini-Hochberg across every claim, not the claims' own p-values
+    names = sorted(measured.fdr)
+    ps = [measured.evidence["claim_p_values"][k] for k in names]
+    assert [measured.fdr[k] for k in names] == pytest.approx(list(false_discovery_control(ps, method="bh")))
+    assert [measured.fdr[k] for k in names] != pytest.approx(ps)
 
 
 def test_claims_leave_out_what_the_set_was_chosen_on():
