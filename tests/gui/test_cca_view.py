@@ -50,6 +50,9 @@ def test_cca_run_shows_progress_trace_and_fix_set(qtbot, session, view):
     for r, el in enumerate(res.fix_set):
         assert view.fix_table.item(r, 1).text() == str(el.intervention.layer)
         assert view.fix_table.item(r, 2).text() == el.intervention.component
+        pos = el.intervention.positions               # and the tokens it acts at, as the browser labels them
+        want = "every token" if pos == "all" else "\u201c" + session.bundle.tokens[pos[0]].replace("Ġ", "·")
+        assert view.fix_table.item(r, 8).text().startswith(want)
     # criteria with check marks, the flip rate with its CI in the summary
     assert view.criteria_table.rowCount() == len(res.criteria)
     marks = {view.criteria_table.item(r, 1).text(): view.criteria_table.item(r, 0).text()

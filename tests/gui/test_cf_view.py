@@ -116,6 +116,8 @@ def test_cf_run_fills_plot_live_and_bar_click_jumps(qtbot, session):
     if res.findings:
         top = res.findings[0]
         assert view.findings.item(0, 1).text() == str(top.layer) and view.findings.item(0, 2).text() == top.site
+        toks = session.bundle.tokens                               # the tokens at the site's positions
+        assert view.findings.item(0, 6).text().startswith("\u201c" + toks[top.positions[0]].replace("Ġ", "·"))
 
     # clicking the highest bar asks the browser for that site
     best = max(res.scores, key=lambda s: s.score)
