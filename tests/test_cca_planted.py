@@ -10,6 +10,7 @@ from conftest import build_tiny_tokenizer
 from engine.bundle import open_bundle
 from engine.cca import evaluate_fix_set, run_cca, torch_threads
 from engine.interventions import Intervention
+from engine.stats import wilson_interval
 from scenarios.planted import planted_bundle as _planted_bundle
 
 
@@ -24,13 +25,18 @@ def test_fix_set_lands_on_the_planted_layer(layer, tmp_path):
     path = tmp_path / "planted.h5"
     with torch_threads(1):
         h = planted_bundle(path, (layer,))
+        calls = []          # every forward of the model, to check the budget CCA reports
+        hook = h.model.register_forward_pre_hook(lambda module, args: calls.append(1))
         with open_bundle(path) as b:
             res = run_cca(b, h, n_controls=0)
+        hook.remove()
+    assert res.forward_passes == len(calls) > 0
     sites = [(e.intervention.layer, e.intervention.component, e.intervention.positions) for e in res.fix_set]
     last = b.n_prompt_tokens - 1
     assert sites == [(layer, "mlp", (last,))], res.ranking.get("selection")
     assert res.flipped and res.one_minimal and not res.partial
     assert res.flip_rate == 1.0 and res.n_variants == 12
+    assert res.flip_rate_ci == wilson_interval(12, 12) and res.flip_rate_ci[0] < 0.8    # 12 of 12: CI [0.76, 1]
     assert res.side_effect_rate == 0.0 and res.sufficiency_rate == 1.0
     # the residual stream at the trigger also fixes (it removes the trigger itself), but is not specific: measured
     chosen, *others = res.ranking["selection"]
