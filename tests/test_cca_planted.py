@@ -129,3 +129,28 @@ def test_side_effect_kl_is_kl_of_the_baseline_from_the_intervened_distribution(t
             reverse = float((lp1.exp() * (lp1 - lp0)).sum())
             assert rows[p]["kl"] == pytest.approx(kls[-1], rel=1e-3, abs=1e-6), (p, reverse)
     assert max(kls) > 1e-3            # the scale changes the distributions: the check is not 0 == 0
+
+
+def test_a_set_with_an_idle_element_is_pruned_to_the_planted_site(tmp_path, monkeypatch):
+    """Pruning to 1-minimal: when the search's chosen set carries an element that is not needed (here added to
+    what the search chose), the final fix set drops it, and the result is 1-minimal."""
+    import engine.cca as cca
+
+    best = cca._Chooser.best
+    idle = Intervention(0, "attn", (0,), "mean")
+
+    def padded(self):
+        r = best(self)
+        return None if r is None else dict(r, set=(idle, *r["set"]))
+
+    monkeypatch.setattr(cca._Chooser, "best", padded)
+    path = tmp_path / "planted.h5"
+    with torch_threads(1):
+        h = planted_bundle(path, (1,))
+        with open_bundle(path) as b:
+            res = run_cca(b, h, n_controls=0, evidence=False)
+    last = b.n_prompt_tokens - 1
+    assert [(e.intervention.layer, e.intervention.component, e.intervention.positions) for e in res.fix_set] == \
+        [(1, "mlp", (last,))]
+    assert res.flipped and res.one_minimal
+    assert any(t["stage"] == "prune" for t in res.trace)
