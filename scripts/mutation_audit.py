@@ -8,7 +8,7 @@ mutant is KILLED when a test fails, SURVIVED when they all pass; PATTERN means t
 the source (update the mutant). Only the named test files run, so a SURVIVED mutant may still be caught elsewhere
 in the suite: run the whole suite on it before concluding (``--full NAME``).
 
-    .venv/bin/python scripts/mutation_audit.py               # every mutant (about 25 minutes on 2 cores)
+    .venv/bin/python scripts/mutation_audit.py               # every mutant (about 21 minutes on 2 cores)
     .venv/bin/python scripts/mutation_audit.py kl-reverse     # some of them, by name
     .venv/bin/python scripts/mutation_audit.py --full prune-off   # one mutant against the whole suite
     .venv/bin/python scripts/mutation_audit.py --list
