@@ -17,6 +17,7 @@ from PySide6.QtCore import Qt, QTimer, Slot
 from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QHBoxLayout, QHeaderView, QLabel, QProgressBar,
                                QPushButton, QSplitter, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
 
+from workbench.views.cca_view import tokens_text
 from workbench.views.incident import FAIL_BG, FAIL_FG
 from workbench.views.plots import AnomalyBarPlot, _fmt
 
@@ -357,8 +358,6 @@ class CFView(QWidget):
         self.verdict_label.setText(detail)
 
     def _fill_findings(self, result) -> None:
-        from workbench.views.cca_view import tokens_text
-
         rows = result.findings
         tokens = getattr(self.session.bundle, "tokens", None)
         self.findings.setRowCount(len(rows))
