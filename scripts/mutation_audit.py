@@ -37,6 +37,9 @@ IV = ["tests/test_interventions.py"]
 CERT = ["tests/test_certificate.py", "tests/test_cli_certify.py"]
 GUI = ["tests/gui/test_review_view.py", "tests/gui/test_editor.py"]
 CLI = ["tests/test_cli.py"]
+CHOOSER = ["tests/test_cca_chooser.py", *CCA]
+
+BOUND = 'return (r["benign_reference_changed"], 1 if su is False else 0, r["component_rank"], r["metric"])'
 
 #: (name, file, original text, mutated text, test files)
 MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
@@ -69,6 +72,15 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
     ("budget-passes", "engine/cca.py", "        self.passes += int(passes)\n", "        self.passes += 0\n", CCA),
     ("prune-off", "engine/cca.py", "            while len(fix) > 1:\n                drops =",
      "            while False:\n                drops =", CCA),
+    # engine/cca.py: which of the sets that fix is reported (_Chooser)
+    ("chooser-rank-first", "engine/cca.py", BOUND,
+     'return (r["component_rank"], r["benign_reference_changed"], 1 if su is False else 0, r["metric"])', CHOOSER),
+    ("chooser-no-sufficiency", "engine/cca.py", BOUND,
+     'return (r["benign_reference_changed"], 0, r["component_rank"], r["metric"])', CHOOSER),
+    ("chooser-weakest-metric", "engine/cca.py", BOUND,
+     'return (r["benign_reference_changed"], 1 if su is False else 0, r["component_rank"], -r["metric"])', CHOOSER),
+    ("chooser-first-block", "engine/cca.py", 'and r["n_run"] >= self.n_ref\n',
+     'and r["n_run"] >= min(self.n_ref, self.FIRST_BLOCK)\n', CHOOSER),
     # engine/cca.py: the random control sets
     ("ctrl-same-positions", "engine/cca.py", "pos = tuple(sorted(rng.sample(range(n_prompt), k)))",
      "pos = iv.positions if iv.positions == 'all' else tuple(iv.positions)", CCA),
