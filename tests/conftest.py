@@ -131,6 +131,7 @@ sc = scenarios.get("gpt2-prompt-injection")
 incident = record_incident(
     load_model(sc.model_source), sc.prompt, sc.failure, benign_prompts=list(sc.benign_reference[:16]),
     prompt_sets={"counterpart": [sc.counterpart], "variants": list(sc.variants),
+                 "variant_counterparts": list(sc.variant_counterparts),
                  "benign_heldout": list(sc.benign_heldout), "benign_expected": list(sc.benign_expected)},
     max_new_tokens=sc.max_new_tokens, expected=sc.expected, scenario=sc.name)
 write_bundle(sys.argv[1], incident)
