@@ -38,6 +38,7 @@ CERT = ["tests/test_certificate.py", "tests/test_cli_certify.py"]
 GUI = ["tests/gui/test_review_view.py", "tests/gui/test_editor.py"]
 CLI = ["tests/test_cli.py"]
 CHOOSER = ["tests/test_cca_chooser.py", *CCA]
+BEAM = ["tests/test_cca_beam.py", *CCA]
 
 BOUND = 'return (r["benign_reference_changed"], 1 if su is False else 0, r["component_rank"], r["metric"])'
 
@@ -81,6 +82,15 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
      'return (r["benign_reference_changed"], 1 if su is False else 0, r["component_rank"], -r["metric"])', CHOOSER),
     ("chooser-first-block", "engine/cca.py", 'and r["n_run"] >= self.n_ref\n',
      'and r["n_run"] >= min(self.n_ref, self.FIRST_BLOCK)\n', CHOOSER),
+    # engine/cca.py: which sets the beam search tries (_Search.extend)
+    ("beam-overlap", "engine/cca.py", "pool = [c for c in self.cands if not any(_overlaps(c, b) for b in base)]",
+     "pool = list(self.cands)", BEAM),
+    ("beam-rank-reversed", "engine/cca.py", 'np.argsort(score, kind="stable")[:self.top_m]',
+     'np.argsort(-score, kind="stable")[:self.top_m]', BEAM),
+    ("beam-keeps-fixing", "engine/cca.py", "(self.evaluated[_skey(s)] for s in ext) if t[1] > -self.inc.margin)",
+     "(self.evaluated[_skey(s)] for s in ext))", BEAM),
+    ("beam-keeps-weakest", "engine/cca.py", "for s in ext) if t[1] > -self.inc.margin),\n                      key=lambda t: t[1])",
+     "for s in ext) if t[1] > -self.inc.margin),\n                      key=lambda t: -t[1])", BEAM),
     # engine/cca.py: the random control sets
     ("ctrl-same-positions", "engine/cca.py", "pos = tuple(sorted(rng.sample(range(n_prompt), k)))",
      "pos = iv.positions if iv.positions == 'all' else tuple(iv.positions)", CCA),
