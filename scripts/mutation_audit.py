@@ -8,7 +8,7 @@ mutant is KILLED when a test fails, SURVIVED when they all pass; PATTERN means t
 the source (update the mutant). Only the named test files run, so a SURVIVED mutant may still be caught elsewhere
 in the suite: run the whole suite on it before concluding (``--full NAME``).
 
-    .venv/bin/python scripts/mutation_audit.py               # every mutant (about 21 minutes on 2 cores)
+    .venv/bin/python scripts/mutation_audit.py               # every mutant (about 23 minutes on 2 cores)
     .venv/bin/python scripts/mutation_audit.py kl-reverse     # some of them, by name
     .venv/bin/python scripts/mutation_audit.py --full prune-off   # one mutant against the whole suite
     .venv/bin/python scripts/mutation_audit.py --list
@@ -89,7 +89,8 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
      'np.argsort(-score, kind="stable")[:self.top_m]', BEAM),
     ("beam-keeps-fixing", "engine/cca.py", "(self.evaluated[_skey(s)] for s in ext) if t[1] > -self.inc.margin)",
      "(self.evaluated[_skey(s)] for s in ext))", BEAM),
-    ("beam-keeps-weakest", "engine/cca.py", "for s in ext) if t[1] > -self.inc.margin),\n                      key=lambda t: t[1])",
+    ("beam-keeps-weakest", "engine/cca.py",
+     "for s in ext) if t[1] > -self.inc.margin),\n                      key=lambda t: t[1])",
      "for s in ext) if t[1] > -self.inc.margin),\n                      key=lambda t: -t[1])", BEAM),
     # engine/cca.py: the random control sets
     ("ctrl-same-positions", "engine/cca.py", "pos = tuple(sorted(rng.sample(range(n_prompt), k)))",
