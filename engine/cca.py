@@ -32,9 +32,12 @@ single-site results; ``docs/cca.md`` has the long form):
    adaptive group testing (the union of a group is one row; a union that does not fix clears its sites, one that
    fixes is bisected down to groups of <= 4 evaluated site by site, so every fixing site was evaluated alone). The
    checks run after the first position block and after each later one; the search stops after the first block
-   that leaves a *clean* fix (below). Without a clean single site, the remaining singles are evaluated and sets of
+   that leaves a *clean* fix (below), screening also the block of a clean residual-stream fix's position (a
+   sublayer there may fix as cleanly: the narrower edit). Without a clean single site, the remaining singles are evaluated and sets of
    2, 3, … are grown by greedy / beam search (``beam`` best non-fixing sets, each extended by its ``top_m`` ranked
-   sites and the decision / hot position sites). Of the sets that fix, the one chosen is the most *specific*: fewest
+   sites and the decision / hot position sites). Still no clean fix: *sublayer unions* (:meth:`_Search.sublayer_unions`:
+   the ``attn`` / ``mlp`` outputs at a position whose residual stream fixes, evaluated as one set and pruned, for
+   sites that fix only all together). Of the sets that fix, the one chosen is the most *specific*: fewest
    changed outputs on the bundle's benign **reference** prompts (never the held-out ones); then *sufficient* on the
    incident's counterpart (the failing run's activations at the set's sites, written into the benign counterpart,
    re-create the failure); then a sublayer's output before the residual stream (head/neuron < attn/mlp < resid);
@@ -1288,6 +1291,10 @@ def _run_cca(bundle, handle: ModelHandle, *, cf, op, beam, max_size, n_controls,
             searching["k"] = 1
             prog(1, f"search: size {size}")
             beams = srch.extend(beams, beam)
+        if not chooser.clean() and max_size > 1:
+            searching["k"] = 1
+            prog(1, "search: sublayer unions (sites that fix only all together)")
+            srch.sublayer_unions(max_size)
         found = chooser.best()
         rank_info["selection"] = chooser.table()
         rank_info["rounds"] = srch.rounds
@@ -1495,12 +1502,12 @@ class _Search:
         sets = [s for s in sets if _skey(s) not in self.evaluated]
         if sets:
             self.budget.stage = "search"
-            n0 = len(self._pending)
+            n0, r0 = len(self._pending), self.budget.rows
             self._record(sets, self.inc.evaluate_tf([InterventionSet(s) for s in sets]))
             self.step("search", self.state["best_metric"], len(sets[0]))
             self.rounds.append({"round": name, "evaluated": len(sets), "group_tests": 0, "sites": len(sets),
                                 "fixing_teacher_forced": len(self._pending) - n0, "passes": self.budget.passes,
-                                "rows": self.budget.rows})
+                                "rows": self.budget.rows - r0})
         if check:
             self._check()
 
@@ -1605,7 +1612,9 @@ class _Search:
         so their cost grows with the log of the prompt length where few tokens fix. (2) The rest, one prompt
         position at a time in the order of :meth:`position_blocks` (CF's position anomaly by default), each block
         screened by adaptive group testing (:meth:`group_test`). The chooser's checks run after the first position
-        block and after every later one; the search stops after the first block that leaves a *clean* fix."""
+        block and after every later one; the search stops after the first block that leaves a *clean* fix. When the
+        chosen fix is then the residual stream only (a token ablation), the blocks of its positions are screened too:
+        an attn / mlp output there that fixes as cleanly wins on the component order."""
         inc, cands = self.inc, self.cands
         if self.ranking == "exhaustive":
             self._round("every candidate", [(c,) for c in cands])
@@ -1620,10 +1629,24 @@ class _Search:
             self.info["method"] = (f"exact group-tested screening, positions by {how}; attribution patching "
                                    "(grad x (replacement - activation)) estimate")
         self.info["position_order"] = [name for name, _ in blocks]
+        visited = set()
         for name, idx in blocks:
             self.group_test(f"{name} ({len(idx)} sites, group-tested)", [(cands[i],) for i in idx])
+            visited.add(name)
             if self._check():
                 break
+        # the search stops at the first clean fix; when that is the residual stream (a token ablation, found before
+        # any block), the attn / mlp outputs at its position may fix as cleanly and are a narrower edit (the
+        # chooser's component order): that position's block is screened too
+        best = self.chooser.best()
+        if best is not None and all(iv.component in ("resid_pre", "resid_post") for iv in best["set"]):
+            want = {f"position {p}" for iv in best["set"] if iv.positions != "all" for p in iv.positions}
+            for name, idx in blocks:
+                if name in want and name not in visited:
+                    self.group_test(f"{name} ({len(idx)} sites, group-tested: the position of the residual-stream "
+                                    "fix)", [(cands[i],) for i in idx])
+                    visited.add(name)
+                    self._check()
         self.info["group_tests"] = self.group_tests
         self.info["combinations"] = self.combinations[:20]
         self.info["candidates_resolved"] = len({k for k in self.evaluated if len(k) == 1} | self.eliminated)
@@ -1680,6 +1703,62 @@ class _Search:
         self._round(f"size {len(beams[0][0]) + 1} extensions", ext)
         return sorted((t for t in (self.evaluated[_skey(s)] for s in ext) if t[1] > -self.inc.margin),
                       key=lambda t: t[1])[:beam]
+
+
+    def sublayer_unions(self, max_size: int) -> None:
+        """Sets the beam misses: sublayer outputs that fix only all together (the same fault written redundantly by
+        three blocks: removing one or two leaves the rest writing it, so no single site or pair lowers the metric and
+        greedy / beam extension has nothing to follow). At each position whose residual stream alone fixes the
+        incident (strongest first; the decision position when none does), at most three positions: the union of
+        every ``attn`` and ``mlp`` site at that position is evaluated as one set; when it fixes teacher-forced it is
+        shrunk the way a fix set is pruned (all drop-one sets in one batch, the one that keeps the lowest metric
+        dropped, until no element can go), and the 1-minimal set, when it has 2 to ``max_size`` elements, goes to
+        the chooser. Stops after the first position that leaves a clean fix."""
+        inc = self.inc
+        resid = sorted((r["metric"], r["set"][0].positions[0]) for r in self.chooser.rows.values()
+                       if len(r["set"]) == 1 and r["set"][0].component in ("resid_pre", "resid_post")
+                       and r["set"][0].positions != "all" and len(r["set"][0].positions) == 1)
+        positions = list(dict.fromkeys([p for _, p in resid] or [self.dec]))[:3]
+        for p in positions:
+            members = sorted((c for c in self.cands if c.component in ("attn", "mlp") and c.positions == (p,)),
+                             key=_key)
+            if len(members) < 2:
+                continue
+            self.budget.stage = "search"
+            n0, r0 = len(self._pending), self.budget.rows
+            cur = list(members)
+            r = inc.evaluate_tf([InterventionSet(tuple(cur))])[0]
+            self.evaluated[_skey(cur)] = (tuple(cur), r.metric)
+            evaluated, metric = 1, r.metric
+            if inc.fixed_tf(r):
+                while len(cur) > 1:
+                    drops = [tuple(cur[:i] + cur[i + 1:]) for i in range(len(cur))]
+                    tfs = inc.evaluate_tf([InterventionSet(d) for d in drops])
+                    evaluated += len(drops)
+                    for d, t in zip(drops, tfs):
+                        self.evaluated[_skey(d)] = (d, t.metric)
+                    keep = [i for i, t in enumerate(tfs) if inc.fixed_tf(t)]
+                    if not keep:
+                        break
+                    j = min(keep, key=lambda i: tfs[i].metric)
+                    cur.pop(j)
+                    metric = tfs[j].metric
+                    self.step("search", self.state["best_metric"], len(cur))
+                if 2 <= len(cur) <= max_size:
+                    self._pending.append((tuple(cur), metric))
+                    if metric < self.state["best_metric"] or not self.state["best"]:
+                        self.state["best"], self.state["best_metric"] = tuple(cur), metric
+                elif len(cur) > max_size:  # said in the result: the user can search again with a larger max_size
+                    self.info.setdefault("beyond_max_size", []).append(
+                        {"set": [iv.describe() for iv in cur], "metric": metric, "max_size": max_size})
+            self.rounds.append({"round": f"sublayer union at position {p} ({len(members)} attn / mlp sites, pruned)",
+                                "sites": len(members), "group_tests": 0, "evaluated": evaluated,
+                                "fixing_teacher_forced": len(self._pending) - n0, "passes": self.budget.passes,
+                                "rows": self.budget.rows - r0,
+                                # the pruned union when it fixes teacher-forced (None: the union does not fix)
+                                "set": [iv.describe() for iv in cur] if inc.fixed_tf(r) else None})
+            if self._check():
+                break
 
 
 def _refine(inc: _Incident, fix: list[Intervention], step, state) -> list[Intervention]:

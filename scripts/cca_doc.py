@@ -252,10 +252,19 @@ def render(bm: dict, res: dict, res_units: dict, sc: dict) -> str:
       "together) is listed in `ranking.combinations`.")
     w("")
     w("The checks (below) run after the first position block and after every later one; the search stops after the "
-      "first block that leaves a *clean* fix. Without a clean single site, every single site not yet evaluated on its "
+      "first block that leaves a *clean* fix — except that when that fix is the residual stream (a token ablation, "
+      "screened before any block), the block of its position is screened too, since an `attn` / `mlp` output there "
+      "may fix as cleanly and is the narrower edit (the component order below). Without a clean single site, every single site not yet evaluated on its "
       "own is evaluated (exact metrics for the beam), then sets of 2, 3, … (`--max-size`, default 4) are grown by "
       "greedy / beam search (`--beam`): the best non-fixing sets, each extended by its 8 best-ranked sites and the "
-      "decision / hot-position sites, all extensions evaluated exactly.")
+      "decision / hot-position sites, all extensions evaluated exactly. When that leaves no clean fix either, "
+      "**sublayer unions**: sites that fix only all together (a fault written by three blocks: with one or two of them "
+      "ablated the rest still write it, so no single site or pair lowers the metric and the beam has nothing to "
+      "follow). At each position whose residual stream alone fixes (at most three, strongest first; else the "
+      "decision position), the union of every `attn` / `mlp` output there is one set; when it fixes it is pruned "
+      "like a fix set (every drop-one set in one batch, until no element can go) and the result goes to the choice "
+      "below. A pruned union larger than `--max-size` is not chosen; the result names it "
+      "(`ranking.beyond_max_size`, and a note in the CLI and the GUI).")
     w("")
     w("**Choice among fixing sets: the most specific one.** Ordered by (1) how many of the bundle's benign *reference* "
       "prompts (the mean-ablation data; the held-out benign prompts are never looked at) change output under the set; "

@@ -8,7 +8,7 @@ mutant is KILLED when a test fails, SURVIVED when they all pass; PATTERN means t
 the source (update the mutant). Only the named test files run, so a SURVIVED mutant may still be caught elsewhere
 in the suite: run the whole suite on it before concluding (``--full NAME``).
 
-    .venv/bin/python scripts/mutation_audit.py               # every mutant (about 23 minutes on 2 cores)
+    .venv/bin/python scripts/mutation_audit.py               # every mutant (about 25 minutes on 2 cores)
     .venv/bin/python scripts/mutation_audit.py kl-reverse     # some of them, by name
     .venv/bin/python scripts/mutation_audit.py --full prune-off   # one mutant against the whole suite
     .venv/bin/python scripts/mutation_audit.py --list
@@ -92,6 +92,13 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
     ("beam-keeps-weakest", "engine/cca.py",
      "for s in ext) if t[1] > -self.inc.margin),\n                      key=lambda t: t[1])",
      "for s in ext) if t[1] > -self.inc.margin),\n                      key=lambda t: -t[1])", BEAM),
+    # engine/cca.py: a clean residual-stream fix's position screened for a narrower one
+    ("resid-block-off", "engine/cca.py",
+     'if best is not None and all(iv.component in ("resid_pre", "resid_post") for iv in best["set"]):',
+     "if False:", CCA),
+    # engine/cca.py: sublayer unions (sites that fix only all together)
+    ("union-off", "engine/cca.py", "            srch.sublayer_unions(max_size)", "            pass", CCA),
+    ("union-any-size", "engine/cca.py", "if 2 <= len(cur) <= max_size:", "if 2 <= len(cur):", CCA),
     # engine/cca.py: the random control sets
     ("ctrl-same-positions", "engine/cca.py", "pos = tuple(sorted(rng.sample(range(n_prompt), k)))",
      "pos = iv.positions if iv.positions == 'all' else tuple(iv.positions)", CCA),

@@ -77,6 +77,87 @@ def test_redundant_plant_needs_both_layers(tmp_path):
     assert res.flip_rate == 1.0 and res.side_effect_rate == 0.0
     assert any(r["round"].startswith("size 2") for r in res.ranking["rounds"])
 
+def test_a_fault_written_by_three_blocks_is_fixed_by_all_three(tmp_path, capsys):
+    """Planted in layers 1, 2 and 3: with one or two of the three MLPs ablated the rest still write the target (the
+    final layer norm scales it back up), so no single site and no pair lowers the metric and the beam has nothing to
+    follow. The residual stream at the trigger fixes, but changes most benign outputs. The union of every attn / mlp
+    output at the trigger, pruned, is the three MLPs: a 1-minimal set with no side effects. With ``--max-size 2``
+    that set is out of reach: the result misses the side-effect criterion, and says a set of 3 exists."""
+    from workbench.cli import main
+    from workbench.views.cca_view import summary_lines
+
+    path = tmp_path / "planted3.h5"
+    with torch_threads(1):
+        h = planted_bundle(path, (1, 2, 3))
+        with open_bundle(path) as b:
+            res = run_cca(b, h, max_size=3)      # with the 200 control sets: every criterion is measured
+    last = b.n_prompt_tokens - 1
+    sites = [(e.intervention.layer, e.intervention.component, e.intervention.positions) for e in res.fix_set]
+    assert sites == [(1, "mlp", (last,)), (2, "mlp", (last,)), (3, "mlp", (last,))], res.ranking["selection"]
+    assert res.flipped and res.one_minimal and not res.failed_criteria() and res.n_controls == 200
+    assert all(e.drop_one_failing and e.single_metric > 0 for e in res.fix_set)
+    assert res.flip_rate == 1.0 and res.side_effect_rate == 0.0 and res.sufficiency_rate == 1.0
+    rounds = [r["round"] for r in res.ranking["rounds"]]
+    assert "size 2 extensions" in rounds and "size 3 extensions" in rounds      # the beam ran first, found no clean
+    union = res.ranking["rounds"][-1]                                           # set, and the union found this one
+    assert union["round"].startswith(f"sublayer union at position {last}") and union["fixing_teacher_forced"] == 1
+    assert union["set"] == [e.intervention.describe() for e in res.fix_set]
+    resid = [r for r in res.ranking["selection"] if r["set"] == [f"L1.resid_pre@{last}:mean"]]
+    assert resid and resid[0]["benign_reference_changed"] > 0.5 * resid[0]["n_benign_reference"]
+
+    code = main(["cca", str(path), "--max-size", "2", "--controls", "0", "--no-cf"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert any(ln.strip().startswith("MISSED side_effect_rate") for ln in out.splitlines()), out
+    note = [ln for ln in out.splitlines() if ln.strip().startswith("note:")]
+    assert note == [f"  note: 3 sublayer sites fix the incident teacher-forced only all together "
+                    f"(L1.mlp@{last}:mean, L2.mlp@{last}:mean, L3.mlp@{last}:mean), more than --max-size 2: search "
+                    f"again with --max-size 3"], out
+    with torch_threads(1), open_bundle(path) as b:
+        small = run_cca(b, h, n_controls=0, max_size=2)
+    assert "side_effect_rate" in small.failed_criteria()
+    assert summary_lines(small)[-1].startswith("Note: 3 sublayer sites fix the incident only all together")
+    assert not any(ln.startswith("Note:") for ln in summary_lines(res))
+
+
+def test_a_fault_relayed_from_inside_the_prompt_is_fixed_where_the_trigger_sits(tmp_path):
+    """The trigger sits inside the prompt (the last word is benign): the planted MLP writes a flag at the trigger's
+    position, and head 0 of layers 2 and 3 each carry it to the last position, where either one alone still makes
+    the model say the target. So no single site at the decision position fixes but the residual stream there, and
+    the fix lands away from it: the planted MLP at the trigger's position. The token ablation of the trigger fixes as
+    cleanly (and is found first), but random residual-stream controls at the trigger's position fix too (p above
+    0.01 on this 17-token prompt); the search also screens the trigger's position and reports the narrower MLP,
+    which meets every criterion. On the variants the trigger sits elsewhere, and the position rule follows it."""
+    from scenarios.planted import TRIGGER
+
+    path = tmp_path / "planted-relay.h5"
+    tok = build_tiny_tokenizer()
+    with torch_threads(1):
+        h = _planted_bundle(path, (1,), relay=(2, 3), tokenizer=tok, words=(12, 16))
+        with open_bundle(path) as b:
+            res = run_cca(b, h)
+            ids = [int(t) for t in b.input_ids[:b.n_prompt_tokens]]
+    last = len(ids) - 1
+    trig = ids.index(tok.convert_tokens_to_ids(TRIGGER))
+    assert 0 < trig < last - 2
+    sites = [(e.intervention.layer, e.intervention.component, e.intervention.positions) for e in res.fix_set]
+    assert sites == [(1, "mlp", (trig,))], res.ranking["selection"]
+    assert res.flipped and res.one_minimal and not res.failed_criteria(), res.failed_criteria()
+    assert res.flip_rate == 1.0 and res.n_variants == 12 and res.sufficiency_rate == 1.0
+    assert res.side_effect_rate == 0.0 and res.p_value < 0.01
+    token = [r for r in res.ranking["selection"] if r["set"] == [f"L0.resid_pre@{trig}:mean"]]
+    assert token and token[0]["benign_reference_changed"] == 0        # as clean, but the residual stream
+    assert any(r["round"].startswith(f"position {trig} ") and "residual-stream fix" in r["round"]
+               for r in res.ranking["rounds"])
+    with torch_threads(1), open_bundle(path) as b:
+        alone = [evaluate_fix_set(b, h, [Intervention(L, "attn", (last,), "mean")], n_controls=0) for L in (2, 3)]
+        both = evaluate_fix_set(b, h, [Intervention(L, "attn", (last,), "mean") for L in (2, 3)], n_controls=0)
+        token_set = evaluate_fix_set(b, h, [Intervention(0, "resid_pre", (trig,), "mean")])
+        where = {ids_.index(tok.convert_tokens_to_ids(TRIGGER)) - len(ids_)
+                 for ids_ in (tok(v)["input_ids"] for v in b.prompt_sets["variants"])}
+    assert not any(r.flipped for r in alone) and both.flipped      # each relay alone carries the failure
+    assert token_set.flipped and token_set.side_effect_rate == 0.0 and token_set.p_value > 0.01
+    assert len(where) > 3, where                                    # the trigger's place, counted from the end
 
 
 def test_token_ablations_are_group_tested_on_a_long_prompt(tmp_path):

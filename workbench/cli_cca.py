@@ -205,6 +205,10 @@ def cmd_cca(args) -> int:
         for k in failed:
             c = res.criteria[k]
             print(f"  MISSED {k}: target {c['target']}; {c['detail']}")
+        for big in rk.get("beyond_max_size", []):
+            print(f"  note: {len(big['set'])} sublayer sites fix the incident teacher-forced only all together "
+                  f"({', '.join(big['set'])}), more than --max-size {big['max_size']}: search again with "
+                  f"--max-size {len(big['set'])}")
     if args.out:
         print(f"  result written to {args.out}")
     return EXIT_OK if ok else EXIT_MISSED

@@ -198,6 +198,10 @@ def summary_lines(result, kind: str | None = None) -> list[str]:
                      + ("" if held_out else " (on the incident itself, which the set was chosen on: not a held-out "
                         "test)"))
     lines.append(f"{result.forward_passes} forward passes in {result.seconds:.1f} s")
+    for big in (result.ranking or {}).get("beyond_max_size", []):
+        lines.append(f"Note: {len(big['set'])} sublayer sites fix the incident only all together "
+                     f"({', '.join(big['set'])}), more than the max set size {big['max_size']}: search again with "
+                     f"a max set size of {len(big['set'])}")
     return lines
 
 
