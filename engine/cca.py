@@ -33,13 +33,13 @@ single-site results; ``docs/cca.md`` has the long form):
    fixes is bisected down to groups of <= 4 evaluated site by site, so every fixing site was evaluated alone). The
    checks run after the first position block and after each later one; the search stops after the first block
    that leaves a *clean* fix (below), screening also the block of a clean residual-stream fix's position (a
-   sublayer there may fix as cleanly: the narrower edit). Without a clean single site, the remaining singles are evaluated and sets of
-   2, 3, … are grown by greedy / beam search (``beam`` best non-fixing sets, each extended by its ``top_m`` ranked
-   sites and the decision / hot position sites). Still no clean fix: *sublayer unions* (:meth:`_Search.sublayer_unions`:
-   the ``attn`` / ``mlp`` outputs at a position whose residual stream fixes, evaluated as one set and pruned, for
-   sites that fix only all together). Of the sets that fix, the one chosen is the most *specific*: fewest
-   changed outputs on the bundle's benign **reference** prompts (never the held-out ones); then *sufficient* on the
-   incident's counterpart (the failing run's activations at the set's sites, written into the benign counterpart,
+   sublayer there may fix as cleanly: the narrower edit). Without a clean single site, the remaining singles are
+   evaluated and sets of 2, 3, … are grown by greedy / beam search (``beam`` best non-fixing sets, each extended by
+   its ``top_m`` ranked sites and the decision / hot position sites). Still no clean fix: *sublayer unions*
+   (:meth:`_Search.sublayer_unions`: the ``attn`` / ``mlp`` outputs at a position whose residual stream fixes,
+   evaluated as one set and pruned, for sites that fix only all together). Of the sets that fix, the one chosen is
+   the most *specific*: fewest changed outputs on the bundle's benign **reference** prompts (never the held-out
+   ones); then *sufficient* on the incident's counterpart (the failing run's activations at the set's sites, written into the benign counterpart,
    re-create the failure); then a sublayer's output before the residual stream (head/neuron < attn/mlp < resid);
    then lowest metric — checked lazily and exactly (:class:`_Chooser`: lower bounds tightened for the current
    minimum only; the reference prompts in blocks of 8, 16, 32, … so a set that cannot win is cut early). *Clean*
@@ -1703,7 +1703,6 @@ class _Search:
         self._round(f"size {len(beams[0][0]) + 1} extensions", ext)
         return sorted((t for t in (self.evaluated[_skey(s)] for s in ext) if t[1] > -self.inc.margin),
                       key=lambda t: t[1])[:beam]
-
 
     def sublayer_unions(self, max_size: int) -> None:
         """Sets the beam misses: sublayer outputs that fix only all together (the same fault written redundantly by

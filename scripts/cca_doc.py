@@ -342,7 +342,8 @@ def render(bm: dict, res: dict, res_units: dict, sc: dict) -> str:
     w("| `forward_passes`, `rows`, `seconds`, `evidence.passes_by_stage` | batched forward calls, sequences run "
       "(a batch row of a forward or of one generation step), wall time; per stage |")
     w("| `ranking` | method, candidate count, screening rounds, the selection table, Spearman of attribution vs "
-      "exact over the sites evaluated, search-only passes / rows / seconds |")
+      "exact over the sites evaluated, search-only passes / rows / seconds; `beyond_max_size` when a pruned sublayer "
+      "union that fixes has more elements than `--max-size` |")
     w("")
     w("## Criteria")
     w("")
