@@ -145,3 +145,34 @@ def test_a_forensics_error_prints_no_traceback(qtbot, runner, capfd):
         runner.submit("bug", lambda e, c: 1 / 0)
     err = capfd.readouterr().err
     assert "BundleContentError" not in err and "ZeroDivisionError" in err and err.count("Traceback") == 1
+
+
+def test_garbage_is_collected_on_the_gui_thread_while_the_engine_thread_exists(qtbot):
+    """Cyclic garbage made by a job on the engine thread is freed on the GUI thread (a collection on the engine
+    thread can destroy Qt objects there and deadlock against the GUI thread); after shutdown, automatic
+    collection is back as it was."""
+    import gc
+
+    assert gc.isenabled()
+    r = EngineRunner()
+    assert not gc.isenabled()               # no automatic collection in whatever thread allocates
+    freed_on = []
+
+    class Node:
+        def __init__(self):
+            self.me = self                  # a reference cycle: only the cyclic collector frees it
+
+        def __del__(self):
+            freed_on.append(threading.current_thread() is threading.main_thread())
+
+    def job(emit, cancel):
+        for _ in range(5000):               # well past generation 0's threshold
+            Node()
+        return len(freed_on)
+
+    with qtbot.waitSignal(r.finished, timeout=10_000) as blocker:
+        r.submit("garbage", job)
+    assert blocker.args == ["garbage", 0]   # nothing was collected on the engine thread
+    qtbot.waitUntil(lambda: len(freed_on) == 5000, timeout=5000)     # the GUI thread's timer collected it
+    assert all(freed_on)
+    assert r.shutdown(5000) and gc.isenabled()

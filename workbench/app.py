@@ -25,7 +25,7 @@ from PySide6.QtWidgets import (QApplication, QDockWidget, QFileDialog, QMainWind
 from engine.errors import ForensicsError
 from workbench.session import Session
 from workbench.views.incident import IncidentPanel
-from workbench.worker import EngineRunner
+from workbench.worker import GC, EngineRunner
 
 ORGANISATION = "ModelForensics"
 APPLICATION = "Workbench"
@@ -69,9 +69,9 @@ def freeze_long_lived_heap(session: Session | None = None) -> bool:
     more).
 
     Every full (generation-2) collection walks all tracked objects while holding the GIL: 100-300 ms with these
-    libraries loaded (measured with ``benchmarks/gui.py``).  When one runs on the engine thread the GUI thread
-    cannot run either, so the event loop stalls (e.g. during CCA).  After :func:`gc.freeze` collections walk only
-    objects created later.  :func:`gc.freeze` is O(1).  A model is freed by reference counting when the session
+    libraries loaded (measured with ``benchmarks/gui.py``), and collections run on the GUI thread
+    (:class:`workbench.worker.GuiThreadGC`), so the event loop stalls (e.g. during CCA).  After :func:`gc.freeze`
+    collections walk only objects created later.  :func:`gc.freeze` is O(1).  A model is freed by reference counting when the session
     drops it (it holds no reference cycles), so the freeze keeps nothing large alive.  Returns True when it froze.
     """
     stage = "startup" if session is None else "model"
@@ -80,12 +80,13 @@ def freeze_long_lived_heap(session: Session | None = None) -> bool:
     gc.freeze()
     _FROZEN.add(stage)
     if stage == "model":
-        gc.enable()
+        GC.enable(True)
     return True
 
 
 def pause_gc_until_model_loaded(busy: bool) -> None:
-    """Until the first model is loaded, automatic collection is off while an engine job runs.
+    """Until the first model is loaded, collection is off while an engine job runs (the GUI thread's timer
+    collections, :class:`workbench.worker.GuiThreadGC`).
 
     That job imports torch's and transformers' modules (~200k objects) on the engine thread; each full collection
     during the import walks all of them (40-160 ms each, several in a row, measured with ``benchmarks/gui.py``).
@@ -94,10 +95,7 @@ def pause_gc_until_model_loaded(busy: bool) -> None:
     """
     if "model" in _FROZEN:
         return
-    if busy:
-        gc.disable()
-    else:
-        gc.enable()
+    GC.enable(not busy)  # on the GUI thread's timer while the engine thread exists (workbench.worker.GuiThreadGC)
 
 
 class MainWindow(QMainWindow):

@@ -35,13 +35,14 @@ cancels everything and joins the thread (the main window calls it from ``closeEv
 
 from __future__ import annotations
 
+import gc
 import sys
 import threading
 import traceback
 from collections import OrderedDict
 from typing import Any, Callable
 
-from PySide6.QtCore import QObject, QThread, Signal, Slot
+from PySide6.QtCore import QObject, QThread, QTimer, Signal, Slot
 
 from engine.errors import ForensicsError
 
@@ -54,6 +55,75 @@ def describe_error(exc: BaseException) -> str:
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     text = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class GuiThreadGC:
+    """Python's cyclic garbage collector runs on the GUI thread only, while an engine thread exists.
+
+    Automatic collection runs in whichever thread happens to allocate. On the engine thread it can collect the
+    wrappers of Qt objects the GUI dropped (a closed dialog, a test's widgets), and their C++ destructors take Qt's
+    locks there. Meanwhile the GUI thread, deleting widgets, holds one of those locks and waits for the GIL: a
+    deadlock (seen in ``tests/gui/test_export.py``: the engine thread in ``gc_collect_main`` ->
+    ``QObject::~QObject`` waiting for the GIL, the GUI thread in ``QObject::~QObject`` waiting for Qt's mutex).
+    pyqtgraph's ``GarbageCollector`` solves the same problem the same way. While at least one :class:`EngineRunner`
+    is alive, automatic collection is off and a GUI-thread timer collects each generation whose count passed its
+    threshold. :meth:`enable` is the switch for the rest of the app: with runners alive it pauses or resumes the
+    timer's collections; without them it is :func:`gc.enable` / :func:`gc.disable`."""
+
+    INTERVAL_MS = 500
+
+    def __init__(self) -> None:
+        self.users = 0
+        self.wanted = True
+        self.timer: QTimer | None = None
+
+    def hold(self) -> None:
+        """An engine thread starts (called on the GUI thread)."""
+        self.users += 1
+        if self.users == 1:
+            self.wanted = gc.isenabled()
+            gc.disable()
+            self.timer = QTimer()
+            self.timer.setInterval(self.INTERVAL_MS)
+            self.timer.timeout.connect(self.collect)
+            self.timer.start()
+
+    def release(self) -> None:
+        """An engine thread has stopped: the last one collects once here and gives automatic collection back."""
+        if self.users == 0:
+            return
+        self.users -= 1
+        if self.users == 0:
+            if self.timer is not None:
+                self.timer.stop()
+                self.timer = None
+            if self.wanted:
+                gc.collect()
+                gc.enable()
+
+    def enable(self, on: bool) -> None:
+        """Collection on or off: automatic collection without engine threads, the timer's while they exist."""
+        self.wanted = on
+        if self.users == 0:
+            (gc.enable if on else gc.disable)()
+
+    @Slot()
+    def collect(self) -> None:
+        if not self.wanted:
+            return
+        counts, limits = gc.get_count(), gc.get_threshold()
+        gen = -1
+        for g in range(3):  # as the automatic collector does: a generation when it and the younger ones are due
+            if counts[g] > limits[g]:
+                gen = g
+            else:
+                break
+        if gen >= 0:
+            gc.collect(gen)
+
+
+#: the one policy of this process
+GC = GuiThreadGC()
 
 
 class EngineWorker(QObject):
@@ -119,6 +189,7 @@ class EngineRunner(QObject):
         self._worker.failed.connect(self._on_failed)
         self._worker.idle.connect(self._on_idle)
         self._thread.finished.connect(self._worker.deleteLater)
+        GC.hold()
         self._thread.start()
 
     # ---------------------------------------------------------------- GUI-thread API
@@ -171,6 +242,8 @@ class EngineRunner(QObject):
         self.cancel()
         self._thread.quit()
         ok = self._thread.wait(timeout_ms)
+        if ok:  # a thread still running keeps collection on the GUI thread
+            GC.release()
         return bool(ok)
 
     # ---------------------------------------------------------------- worker side (called on the engine thread)
