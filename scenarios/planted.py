@@ -32,7 +32,7 @@ def planted_model(tok, layers: Sequence[int], *, relay: Sequence[int] = (), n_la
     Without ``relay`` the neuron writes the target's embedding at the trigger's position. With ``relay`` (layers
     after the planted ones) it writes a *flag* instead, a direction orthogonal to every token embedding (so it moves
     no logit), and head 0 of each relay layer copies the flag from wherever the trigger sits to the later positions,
-    writing a direction that raises only the target's logit (and lowers it a little where no flag is in view). So
+    writing a direction that raises only the target's logit (and lowers it where no flag is in view). So
     the trigger can sit anywhere in the prompt, and with two relay layers neither attention output at the last
     position fixes the failure alone, while the planted MLP at the trigger's position does. ``n_embd`` defaults to
     32, or 64 with ``relay`` (the flag needs a direction outside the span of the token embeddings).
