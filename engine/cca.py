@@ -39,12 +39,12 @@ single-site results; ``docs/cca.md`` has the long form):
    (:meth:`_Search.sublayer_unions`: the ``attn`` / ``mlp`` outputs at a position whose residual stream fixes,
    evaluated as one set and pruned, for sites that fix only all together). Of the sets that fix, the one chosen is
    the most *specific*: fewest changed outputs on the bundle's benign **reference** prompts (never the held-out
-   ones); then *sufficient* on the incident's counterpart (the failing run's activations at the set's sites, written into the benign counterpart,
-   re-create the failure); then a sublayer's output before the residual stream (head/neuron < attn/mlp < resid);
-   then lowest metric — checked lazily and exactly (:class:`_Chooser`: lower bounds tightened for the current
-   minimum only; the reference prompts in blocks of 8, 16, 32, … so a set that cannot win is cut early). *Clean*
-   = sufficient (or no counterpart) and changing at most 5% of the reference outputs. Then **pruning** to a 1-minimal
-   set (drop any element that is not needed) and refinement of position groups.
+   ones); then *sufficient* on the incident's counterpart (the failing run's activations at the set's sites, written
+   into the benign counterpart, re-create the failure); then a sublayer's output before the residual stream
+   (head/neuron < attn/mlp < resid); then lowest metric — checked lazily and exactly (:class:`_Chooser`: lower bounds
+   tightened for the current minimum only; the reference prompts in blocks of 8, 16, 32, … so a set that cannot win
+   is cut early). *Clean* = sufficient (or no counterpart) and changing at most 5% of the reference outputs. Then
+   **pruning** to a 1-minimal set (drop any element that is not needed) and refinement of position groups.
 5. **Evidence** (:func:`evaluate_fix_set`) — flip rate on the held-out failing variants (Wilson 95%), sufficiency
    (failing activations transplanted into the benign counterparts), side effects on held-out benign prompts (share
    whose output changes, mean KL of the next-token / label distribution), minimality (size, fraction of recorded
@@ -1308,16 +1308,11 @@ def _run_cca(bundle, handle: ModelHandle, *, cf, op, beam, max_size, n_controls,
         budget.stage = "prune"
         prog(2, "pruning to a 1-minimal set")
         if found is not None:
-            while len(fix) > 1:
-                drops = [InterventionSet(tuple(fix[:i] + fix[i + 1:])) for i in range(len(fix))]
-                ok, tf = inc.fixed(drops)
-                keep = [i for i, v in enumerate(ok) if v]
-                if not keep:
-                    break
-                j = min(keep, key=lambda i: tf[i].metric)
-                fix.pop(j)
-                state["best"] = tuple(fix)
-                step("prune", tf[j].metric, len(fix))
+            def dropped(rest: list[Intervention], metric: float) -> None:
+                state["best"] = tuple(rest)
+                step("prune", metric, len(rest))
+
+            _prune(fix, inc.fixed, dropped)
             budget.stage = "refine"
             fix = _refine(inc, fix, step, state)
             if refine_units:
@@ -1728,21 +1723,20 @@ class _Search:
             cur = list(members)
             r = inc.evaluate_tf([InterventionSet(tuple(cur))])[0]
             self.evaluated[_skey(cur)] = (tuple(cur), r.metric)
-            evaluated, metric = 1, r.metric
+            evaluated = 1
+
+            def check(sets: list[InterventionSet]):  # teacher-forced: the chooser confirms by generation
+                nonlocal evaluated
+                tfs = inc.evaluate_tf(sets)
+                evaluated += len(sets)
+                for d, t in zip(sets, tfs):
+                    self.evaluated[_skey(d.interventions)] = (tuple(d.interventions), t.metric)
+                return [inc.fixed_tf(t) for t in tfs], tfs
+
             if inc.fixed_tf(r):
-                while len(cur) > 1:
-                    drops = [tuple(cur[:i] + cur[i + 1:]) for i in range(len(cur))]
-                    tfs = inc.evaluate_tf([InterventionSet(d) for d in drops])
-                    evaluated += len(drops)
-                    for d, t in zip(drops, tfs):
-                        self.evaluated[_skey(d)] = (d, t.metric)
-                    keep = [i for i, t in enumerate(tfs) if inc.fixed_tf(t)]
-                    if not keep:
-                        break
-                    j = min(keep, key=lambda i: tfs[i].metric)
-                    cur.pop(j)
-                    metric = tfs[j].metric
-                    self.step("search", self.state["best_metric"], len(cur))
+                metric = _prune(cur, check, lambda rest, m: self.step("search", self.state["best_metric"],
+                                                                       len(rest)))
+                metric = r.metric if metric is None else metric
                 if 2 <= len(cur) <= max_size:
                     self._pending.append((tuple(cur), metric))
                     if metric < self.state["best_metric"] or not self.state["best"]:
@@ -1758,6 +1752,23 @@ class _Search:
                                 "set": [iv.describe() for iv in cur] if inc.fixed_tf(r) else None})
             if self._check():
                 break
+
+
+def _prune(fix: list[Intervention], check, dropped) -> float | None:
+    """Make ``fix`` 1-minimal in place: every drop-one set in one batch (``check(sets) -> (fixes, tf results)``),
+    the element whose removal keeps the lowest metric dropped (``dropped(rest, metric)``), until none can go.
+    Returns the metric of the last set kept after a drop (``None``: nothing was dropped)."""
+    metric = None
+    while len(fix) > 1:
+        ok, tf = check([InterventionSet(tuple(fix[:i] + fix[i + 1:])) for i in range(len(fix))])
+        keep = [i for i, v in enumerate(ok) if v]
+        if not keep:
+            break
+        j = min(keep, key=lambda i: tf[i].metric)
+        fix.pop(j)
+        metric = tf[j].metric
+        dropped(fix, metric)
+    return metric
 
 
 def _refine(inc: _Incident, fix: list[Intervention], step, state) -> list[Intervention]:

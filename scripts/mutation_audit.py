@@ -71,8 +71,7 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
     ("wilson-call", "engine/cca.py", "res.flip_rate_ci = stats.wilson_interval(k, n) if n else",
      "res.flip_rate_ci = (k / n, k / n) if n else", CCA),
     ("budget-passes", "engine/cca.py", "        self.passes += int(passes)\n", "        self.passes += 0\n", CCA),
-    ("prune-off", "engine/cca.py", "            while len(fix) > 1:\n                drops =",
-     "            while False:\n                drops =", CCA),
+    ("prune-off", "engine/cca.py", "            _prune(fix, inc.fixed, dropped)", "            pass", CCA),
     # engine/cca.py: which of the sets that fix is reported (_Chooser)
     ("chooser-rank-first", "engine/cca.py", BOUND,
      'return (r["component_rank"], r["benign_reference_changed"], 1 if su is False else 0, r["metric"])', CHOOSER),

@@ -71,8 +71,9 @@ def freeze_long_lived_heap(session: Session | None = None) -> bool:
     Every full (generation-2) collection walks all tracked objects while holding the GIL: 100-300 ms with these
     libraries loaded (measured with ``benchmarks/gui.py``), and collections run on the GUI thread
     (:class:`workbench.worker.GuiThreadGC`), so the event loop stalls (e.g. during CCA).  After :func:`gc.freeze`
-    collections walk only objects created later.  :func:`gc.freeze` is O(1).  A model is freed by reference counting when the session
-    drops it (it holds no reference cycles), so the freeze keeps nothing large alive.  Returns True when it froze.
+    collections walk only objects created later.  :func:`gc.freeze` is O(1).  A model is freed by reference
+    counting when the session drops it (it holds no reference cycles), so the freeze keeps nothing large alive.
+    Returns True when it froze.
     """
     stage = "startup" if session is None else "model"
     if stage in _FROZEN or (session is not None and getattr(session, "_handle", None) is None):

@@ -107,7 +107,6 @@ class GuiThreadGC:
         if self.users == 0:
             (gc.enable if on else gc.disable)()
 
-    @Slot()
     def collect(self) -> None:
         if not self.wanted:
             return
