@@ -396,6 +396,9 @@ def main(argv=None) -> int:
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
     from workbench.app import MainWindow
 
+    import workbench.app
+
+    workbench.app.ask_unsaved = lambda parent, text: "discard"   # no Save / Discard question: nothing here is kept
     win = MainWindow()
     win.resize(1400, 900)
     win.show()

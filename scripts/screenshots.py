@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     app = QApplication.instance() or QApplication([sys.argv[0]])
     from workbench.app import MainWindow
 
+    import workbench.app
+
+    workbench.app.ask_unsaved = lambda parent, text: "discard"   # no Save / Discard question: nothing here is kept
     win = MainWindow()
     win.resize(*SIZE)
     win.show()

@@ -32,6 +32,7 @@ APPLICATION = "Workbench"
 MAX_RECENT = 10
 BUNDLE_FILTER = "Incident bundles (*.h5 *.hdf5);;All files (*)"
 RESULT_FILTER = "CF / CCA results and certificates (*.json);;All files (*)"
+REPLAY_JOB = "verify-replay"
 # the widget of each view that takes the keyboard focus when the view is shown (View menu, Ctrl+1..5), so the arrow
 # keys work in it at once instead of moving the tab bar
 VIEW_FOCUS = {"Browser": "tree", "Interventions": "table", "CF": "findings", "CCA": "fix_table", "Review": "elements"}
@@ -48,6 +49,16 @@ def demo_cache_path() -> Path:
 
     base = QStandardPaths.writableLocation(QStandardPaths.StandardLocation.CacheLocation)
     return Path(base or Path.home() / ".cache" / "forensics-workbench") / "demo-incident.h5"
+
+
+def ask_unsaved(parent: QWidget, text: str) -> str:
+    """Ask what to do with results that are in no file: ``"save"``, ``"discard"`` or ``"cancel"`` (the window
+    calls this before it closes the bundle; tests replace it)."""
+    B = QMessageBox.StandardButton
+    box = QMessageBox(QMessageBox.Icon.Warning, "Unsaved results", text, B.Save | B.Discard | B.Cancel, parent)
+    box.setDefaultButton(B.Save)
+    answer = box.exec()
+    return {B.Save: "save", B.Discard: "discard"}.get(B(answer), "cancel")
 
 
 def _optional(module: str):
@@ -144,6 +155,8 @@ class MainWindow(QMainWindow):
         self.session.status.connect(self.show_status)
         self.session.bundle_opened.connect(self.on_bundle_opened)
         self.session.bundle_closed.connect(self.on_bundle_closed)
+        for sig in (self.session.cf_changed, self.session.cca_changed, self.session.saved_changed):
+            sig.connect(self._on_results_changed)
         self.runner.busy_changed.connect(self.on_busy_changed)
         self.runner.failed.connect(self.on_job_failed)
         self.runner.finished.connect(self.on_job_finished)
@@ -164,6 +177,9 @@ class MainWindow(QMainWindow):
         self.act_load_result = self._action(m, "&Load saved result…", self.choose_result, "Ctrl+Shift+O")
         self.act_load_result.setToolTip("Attach a CF or CCA result saved by forensics cf/cca --out, or a "
                                         "certificate's, to the open incident (Ctrl+Shift+O)")
+        self.act_save_results = self._action(m, "&Save results", self.save_results, "Ctrl+Shift+S")
+        self.act_save_results.setToolTip("Write the CF / CCA results computed here beside the bundle as NAME.cf.json "
+                                         "/ NAME.cca.json (the files opening the bundle reads back; Ctrl+Shift+S)")
         self.act_properties = self._action(m, "Bundle &properties…", self.show_properties, "Ctrl+I")
         m.addSeparator()
         self.act_export = self._action(m, "&Export certificate…", self.export_certificate, "Ctrl+E")
@@ -171,6 +187,10 @@ class MainWindow(QMainWindow):
         self.act_quit = self._action(m, "&Quit", self.close, QKeySequence.StandardKey.Quit)
         self.view_menu = mb.addMenu("&View")
         self.analysis_menu = mb.addMenu("&Analysis")
+        self.act_verify = self._action(self.analysis_menu, "&Verify replay", self.verify_replay, "Ctrl+Shift+V")
+        self.act_verify.setToolTip("Replay the recorded forward and compare weights, tokenizer, logits and every "
+                                   "recorded activation bit for bit, as forensics replay does (Ctrl+Shift+V)")
+        self.analysis_menu.addSeparator()
         self.act_run_cf = self._action(self.analysis_menu, "Run &CF", self.run_cf, "Ctrl+R")
         self.act_run_cca = self._action(self.analysis_menu, "Run CC&A", self.run_cca, "Ctrl+Shift+R")
         self.act_cancel = self._action(self.analysis_menu, "Ca&ncel running job", self.cancel_jobs, "Esc")
@@ -248,8 +268,11 @@ class MainWindow(QMainWindow):
             self.open_path(path)
 
     def open_path(self, path: str | Path) -> bool:
-        """Open a bundle; on a bad file show the engine's one-line error and keep the previous bundle."""
+        """Open a bundle; on a bad file show the engine's one-line error and keep the previous bundle.  Results of the
+        open bundle that are in no file are offered for saving first (Cancel keeps it open: returns False)."""
         path = Path(path)
+        if not self.confirm_unsaved():
+            return False
         try:
             self.session.open(path)
         except ForensicsError as exc:
@@ -307,7 +330,102 @@ class MainWindow(QMainWindow):
 
     @Slot()
     def close_bundle(self) -> None:
-        self.session.close()
+        if self.confirm_unsaved():
+            self.session.close()
+
+    # ------------------------------------------------------------------ saving results
+    @Slot()
+    def save_results(self) -> bool:
+        """File ▸ Save results (Ctrl+Shift+S): the CF / CCA results that are in no file, written beside the bundle
+        as NAME.cf.json / NAME.cca.json (the JSON ``forensics cf/cca --out`` writes; opening the bundle reads them
+        back).  A dialog names a file that cannot be written; False then."""
+        if self.session.bundle is None:
+            return False
+        kinds = self.session.unsaved_results()
+        if not kinds:
+            self.show_status("Nothing to save: every result shown is in its file")
+            return True
+        try:
+            written = self.session.save_results(kinds)
+        except ForensicsError as exc:
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self.show_status(f"Could not save the results: {msg}")
+            QMessageBox.critical(self, "Save results", msg)
+            return False
+        self.show_status(f"Saved {' and '.join(k.upper() for k in kinds)} to "
+                         f"{', '.join(p.name for p in written)} beside the bundle (they open with it)")
+        return True
+
+    def confirm_unsaved(self) -> bool:
+        """Before the bundle closes: when a result shown is in no file, ask (Save / Discard / Cancel).  True when the
+        bundle may close (saved, discarded, or nothing to save)."""
+        kinds = self.session.unsaved_results()
+        if not kinds:
+            return True
+        paths = self.session.result_paths()
+        what = " and ".join(f"{k.upper()} result" + (" (partial: the run was cancelled)"
+                                                     if getattr(self.session, k).partial else "") for k in kinds)
+        one = len(kinds) == 1
+        answer = ask_unsaved(self, f"The {what} of {self.session.path.name} {'is' if one else 'are'} not saved. Save "
+                                   f"{'it' if one else 'them'} beside the bundle as "
+                                   f"{' and '.join(paths[k].name for k in kinds)} (opening the bundle loads "
+                                   f"{'it' if one else 'them'} again)?")
+        if answer == "save":
+            return self.save_results()
+        return answer == "discard"
+
+    @Slot()
+    @Slot(object)
+    def _on_results_changed(self, *_args) -> None:
+        unsaved = bool(self.session.bundle is not None and self.session.unsaved_results())
+        self.setWindowModified(unsaved)
+        self.act_save_results.setEnabled(unsaved)
+
+    # ------------------------------------------------------------------ replay verification
+    @Slot()
+    def verify_replay(self) -> None:
+        """Analysis ▸ Verify replay (Ctrl+Shift+V): on the engine thread, replay the recorded forward and compare
+        everything the bundle recorded bit for bit (``engine.replay.replay``, what ``forensics replay`` runs); the
+        report opens in a dialog, and the status bar says BIT-IDENTICAL or what differs."""
+        session, bundle = self.session, self.session.bundle
+        if bundle is None:
+            return
+
+        def job(emit, cancel):
+            from engine.replay import replay
+
+            emit({"done": 0, "total": 1, "what": "loading the model"})
+            handle = session.model()
+            if cancel.is_set():
+                return None
+            return bundle, replay(bundle, handle=handle,
+                                  progress=lambda d, t, what: emit({"done": d, "total": t, "what": what}))
+
+        self.show_status(f"Verifying the replay of {session.path.name}…")
+        self.runner.submit(REPLAY_JOB, job)
+
+    def _show_replay(self, bundle, report) -> None:
+        if bundle is not self.session.bundle:     # closed (or another opened) while it ran
+            return
+        verdict = "BIT-IDENTICAL" if report.bit_identical else "DIFFERS"
+        failed = ", ".join(c.name for c in report.failed)
+        self.show_status(f"Replay {verdict}" + (f": {failed} differ" if failed else
+                                                 f" ({report.seconds:.2f} s, {report.threads} thread(s))"))
+        lines = [f"{'✓' if c.ok else '✗'} {c.name}: {c.detail}" for c in report.checks]
+        box = QMessageBox(QMessageBox.Icon.Information if report.bit_identical else QMessageBox.Icon.Warning,
+                          "Verify replay", f"Replay of {self.session.path.name}: {verdict}",
+                          QMessageBox.StandardButton.Close, self)
+        src = report.model_loaded_from
+        src = "the weights embedded in the bundle" if src in ("", "embedded") else src
+        box.setInformativeText("\n".join(lines) + f"\n\n{report.seconds:.2f} s, {report.threads} torch thread(s) "
+                               f"(as recorded), model: {src}")
+        if report.site_max_abs_diff:
+            worst = sorted(report.site_max_abs_diff.items(), key=lambda kv: -kv[1])
+            box.setDetailedText("max abs difference per recorded site (0 = bit-identical):\n" +
+                                "\n".join(f"  {name}: {d:.3g}" for name, d in worst))
+        box.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.replay_box = box
+        box.open()
 
     @Slot()
     def open_demo(self) -> None:
@@ -414,7 +532,7 @@ class MainWindow(QMainWindow):
     @Slot(object)
     def on_bundle_opened(self, bundle) -> None:
         name = self.session.path.name if self.session.path else "bundle"
-        self.setWindowTitle(f"{name} — Model Forensics Workbench")
+        self.setWindowTitle(f"{name}[*] — Model Forensics Workbench")   # [*]: unsaved results
         self._update_actions()
 
     @Slot()
@@ -432,6 +550,8 @@ class MainWindow(QMainWindow):
     @Slot(str, object)
     def on_job_progress(self, name: str, data) -> None:
         freeze_long_lived_heap(self.session)      # a job that loaded the model reports progress after loading it
+        if name == REPLAY_JOB and isinstance(data, dict):
+            self.show_status(f"Verifying the replay: {data.get('what', '')}")
         if name == "demo" and isinstance(data, dict):
             self.show_status(f"Recording the demo incident: {data.get('what', '')} "
                              f"({data.get('done', 0)}/{data.get('total', 0)})")
@@ -441,18 +561,23 @@ class MainWindow(QMainWindow):
         freeze_long_lived_heap(self.session)
         if name == "demo" and not self._closing:
             self.open_path(result)
+        if name == REPLAY_JOB and result is not None and not self._closing:
+            self._show_replay(*result)
 
     @Slot(str, str)
     def on_job_failed(self, name: str, message: str) -> None:
         self.show_status(f"{name} failed: {message}")
         if name == "demo" and not self._closing:
             QMessageBox.critical(self, "Open demo", f"Recording the demo incident failed:\n\n{message}")
+        if name == REPLAY_JOB and not self._closing:
+            QMessageBox.critical(self, "Verify replay", f"The replay could not run:\n\n{message}")
 
     def _update_actions(self) -> None:
         has = self.session.bundle is not None
         for act in (self.act_close, self.act_export, self.act_run_cf, self.act_run_cca, self.act_load_result,
-                    self.act_properties):
+                    self.act_properties, self.act_verify):
             act.setEnabled(has)
+        self._on_results_changed()
         self.act_cancel.setEnabled(self.runner.busy)
         self._refresh_recent_menu()
 
@@ -498,7 +623,11 @@ class MainWindow(QMainWindow):
         s.sync()
 
     def closeEvent(self, event) -> None:
-        """Save settings, cancel running jobs, stop the engine thread (waits for the current forward pass)."""
+        """Offer unsaved results for saving (Cancel keeps the window open), save settings, cancel running jobs, stop
+        the engine thread (waits for the current forward pass)."""
+        if not self._closing and not self.confirm_unsaved():
+            event.ignore()
+            return
         self._closing = True
         self.save_settings()
         for w in self._views.values():

@@ -41,6 +41,7 @@ class Session(QObject):
     cca_changed = Signal(object)          # engine.cca.CCAResult | None
     site_requested = Signal(int, str)     # (layer, site): "show me this site" (browser selects it)
     status = Signal(str)                  # a status-bar message
+    saved_changed = Signal()              # a result was saved or read from its file (unsaved_results changed)
 
     def __init__(self, runner: EngineRunner | None = None, parent: QObject | None = None) -> None:
         super().__init__(parent)
@@ -50,6 +51,7 @@ class Session(QObject):
         self.cf = None
         self.cca = None
         self.analyst: dict[str, Any] = {}      # accepted / rejected fix-set elements (review view → certificate)
+        self._saved: dict[str, object] = {}    # kind -> the result object last read from or written to its file
         self._handle = None
         self._handle_lock = threading.Lock()
 
@@ -65,12 +67,56 @@ class Session(QObject):
         self.status.emit(f"Opened {self.path.name}")
         return bundle
 
+    def result_paths(self) -> dict[str, Path]:
+        """Where the open bundle's results are saved: ``{"cf": NAME.cf.json, "cca": NAME.cca.json}`` beside it (the
+        names ``forensics demo`` writes and opening the bundle reads back); empty with no bundle open."""
+        if self.path is None:
+            return {}
+        stem = self.path.name[:-3] if self.path.name.endswith(".h5") else self.path.stem
+        return {suf.split(".")[1]: self.path.with_name(stem + suf) for suf in SAVED_SUFFIXES}
+
     def saved_results(self) -> list[Path]:
         """The result files beside the open bundle that are named after it (``NAME.cf.json``, ``NAME.cca.json``)."""
-        if self.path is None:
-            return []
-        stem = self.path.name[:-3] if self.path.name.endswith(".h5") else self.path.stem
-        return [q for q in (self.path.with_name(stem + suf) for suf in SAVED_SUFFIXES) if q.is_file()]
+        return [q for q in self.result_paths().values() if q.is_file()]
+
+    def unsaved_results(self) -> list[str]:
+        """The kinds (``"cf"``, ``"cca"``) of the results shown that are in no file: computed in this session (or
+        re-evaluated) and not saved since. A result loaded from a file, or saved, is not listed."""
+        return [k for k in ("cf", "cca") if getattr(self, k) is not None and self._saved.get(k) is not getattr(self, k)]
+
+    def mark_saved(self, kind: str, result) -> None:
+        """Note that ``result`` (the ``kind`` result) is what a file holds (read from it, or written to it)."""
+        self._saved[kind] = result
+        self.saved_changed.emit()
+
+    def save_results(self, kinds: list[str] | None = None) -> list[Path]:
+        """Write the results shown (``kinds``: default every one that is not saved) beside the bundle as
+        :meth:`result_paths` names them, in the JSON ``forensics cf/cca --out`` writes, each through a temporary
+        name renamed into place (a result already there is replaced). Returns the files written.
+
+        Raises:
+            ResultFileError: no bundle is open, or a file cannot be written (the reason, in one line); the
+                results written before it stay written.
+        """
+        import json
+
+        from engine.atomic import write_text
+
+        if self.bundle is None:
+            raise ResultFileError("no bundle is open")
+        paths = self.result_paths()
+        written = []
+        for kind in (self.unsaved_results() if kinds is None else kinds):
+            res = getattr(self, kind)
+            if res is None:
+                continue
+            try:
+                write_text(paths[kind], json.dumps(res.to_dict(), indent=1) + "\n")
+            except OSError as exc:
+                raise ResultFileError(f"cannot write {paths[kind]}: {exc.strerror or exc}") from None
+            self.mark_saved(kind, res)
+            written.append(paths[kind])
+        return written
 
     def load_saved_results(self) -> list[str]:
         """Attach the saved results beside the bundle that belong to it; what was loaded, in words (a file that is
@@ -137,6 +183,7 @@ class Session(QObject):
             raise ResultFileError(f"{p.name} holds no CF or CCA result")
         for kind, res in results:
             (self.set_cf if kind == "cf" else self.set_cca)(res)
+            self.mark_saved(kind, res)
         return [k for k, _ in results]
 
     def close(self) -> None:
@@ -150,6 +197,7 @@ class Session(QObject):
         self.cf = None
         self.cca = None
         self.analyst = {}
+        self._saved = {}
         bundle, self.bundle, self.path = self.bundle, None, None
         if had_cf:
             self.cf_changed.emit(None)

@@ -8,6 +8,9 @@
   ``closeEvent``).
 * ``_qt_settings_tmp`` (autouse) points ``QSettings`` (INI format, user scope) into a temporary folder, so tests
   never read or write the user's real recent files / window geometry.
+* ``unsaved`` (autouse): the main window's Save / Discard / Cancel question about results in no file
+  (``workbench.app.ask_unsaved``) is answered ``unsaved.answer`` (``"discard"`` unless a test sets it) and recorded in
+  ``unsaved.asked``, instead of a modal dialog that would wait for a click when a test closes a window.
 * ``window``: a shown :class:`workbench.app.MainWindow` with the demo incident open.
 * ``session``: a :class:`workbench.session.Session` on its own engine thread with the demo incident open (for
   testing one view on its own).
@@ -46,6 +49,25 @@ def _qt_settings_tmp(tmp_path_factory):
     QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(folder))
     QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.SystemScope, str(folder / "system"))
     yield folder
+
+
+class _Unsaved:
+    def __init__(self) -> None:
+        self.answer = "discard"
+        self.asked: list[str] = []
+
+    def __call__(self, parent, text: str) -> str:
+        self.asked.append(text)
+        return self.answer
+
+
+@pytest.fixture(autouse=True)
+def unsaved(monkeypatch):
+    import workbench.app
+
+    fake = _Unsaved()
+    monkeypatch.setattr(workbench.app, "ask_unsaved", fake)
+    return fake
 
 
 @pytest.fixture(autouse=True)

@@ -369,3 +369,39 @@ def test_files_are_in_place_even_if_the_result_never_reaches_the_window(qtbot, w
     assert sorted(p.name for p in tmp_path.iterdir()) == ["closed.cca.json", "closed.cf.json", "closed.json",
                                                           "closed.pdf"]
     assert pdf.read_bytes().startswith(b"%PDF") and load_certificate(pdf.with_suffix(".json"))["cca"] is not None
+
+
+def test_an_export_beside_the_bundle_under_its_name_saves_its_results(qtbot, demo_bundle, tmp_path, save_as, boxes,
+                                                                      unsaved):
+    """The export writes the CF / CCA results beside the certificate (its reproduction commands name them). A
+    certificate exported beside the bundle under the bundle's name writes the bundle's own result files, so those
+    results are saved (the title is no longer marked, closing asks nothing); exported elsewhere they are not."""
+    from workbench.app import MainWindow
+
+    bundle = tmp_path / "incident.h5"
+    shutil.copyfile(demo_bundle, bundle)
+    win = MainWindow()
+    qtbot.addWidget(win)
+    win.show()
+    assert win.open_path(bundle)
+    _, cca, _ = demo_evidence(demo_bundle)
+    win.session.set_cca(cca)
+    win.session.set_cf(demo_cf(demo_bundle))
+    assert win.isWindowModified()
+    elsewhere = tmp_path / "sent" / "cert.pdf"
+    elsewhere.parent.mkdir()
+    save_as(elsewhere)
+    win.act_export.trigger()
+    qtbot.waitUntil(lambda: "Certificate written" in status(win), timeout=TIMEOUT_MS)
+    assert (elsewhere.parent / "cert.cca.json").is_file()
+    assert win.session.unsaved_results() == ["cf", "cca"] and win.isWindowModified()
+
+    save_as(tmp_path / "incident.pdf")
+    win.act_export.trigger()
+    qtbot.waitUntil(lambda: "Certificate written" in status(win) and not win.runner.busy, timeout=TIMEOUT_MS)
+    qtbot.waitUntil(lambda: not win.isWindowModified(), timeout=5_000)
+    assert win.session.unsaved_results() == []
+    saved = json.loads((tmp_path / "incident.cca.json").read_text())
+    assert saved["bundle_uuid"] == win.session.bundle.uuid and saved["p_value"] == cca.p_value
+    win.close()
+    assert unsaved.asked == [] and boxes == []

@@ -106,3 +106,83 @@ def test_bundle_properties_show_what_the_bundle_holds(qtbot, saved, boxes):
     assert f"{b.n_layers} layers" in text and "beside it: incident.cca.json, incident.cf.json" in text
     win.properties_box.close()
     win.close()
+
+
+def test_results_computed_here_are_saved_beside_the_bundle_and_open_with_it(qtbot, saved, boxes, unsaved):
+    """File ▸ Save results writes a result computed in the window (here set as the CF / CCA views do after a run)
+    beside the bundle, in the JSON ``forensics cf/cca --out`` writes, and opening the bundle again shows it. Until it
+    is saved the title is marked modified, and closing the bundle asks: Cancel keeps it open, Save writes the files,
+    Discard drops the result and leaves the files as they were."""
+    from engine.cca import SCHEMA as CCA_SCHEMA
+    from engine.cf import CFResult
+
+    bundle, cf, cca = saved
+    cf_file, cca_file = bundle.with_name("incident.cf.json"), bundle.with_name("incident.cca.json")
+    cf_file.unlink()
+    cca_file.unlink()
+    win = _window(qtbot)
+    assert win.open_path(bundle)
+    s = win.session
+    assert s.cf is None and not win.isWindowModified() and not win.act_save_results.isEnabled()
+    s.set_cf(cf)
+    s.set_cca(cca)                                   # as the views do when a run ends
+    assert s.unsaved_results() == ["cf", "cca"]
+    assert win.isWindowModified() and win.act_save_results.isEnabled() and "[*]" in win.windowTitle()
+
+    unsaved.answer = "cancel"                        # closing asks; Cancel keeps the bundle and its results
+    win.close_bundle()
+    assert s.bundle is not None and s.cca is cca
+    assert len(unsaved.asked) == 1 and "incident.cf.json" in unsaved.asked[0] and "incident.cca.json" in unsaved.asked[0]
+    assert not win.open_path(bundle)                 # opening a bundle closes this one: asked, and cancelled too
+    assert len(unsaved.asked) == 2 and s.cca is cca
+
+    win.act_save_results.trigger()
+    assert not win.isWindowModified() and not win.act_save_results.isEnabled() and not s.unsaved_results()
+    assert "Saved CF and CCA to incident.cf.json, incident.cca.json" in win.statusBar().currentMessage()
+    on_disk_cf, on_disk_cca = json.loads(cf_file.read_text()), json.loads(cca_file.read_text())
+    assert on_disk_cf["schema"] == CFResult.SCHEMA and on_disk_cca["schema"] == CCA_SCHEMA
+    assert on_disk_cca == json.loads(json.dumps(cca.to_dict()))       # what `forensics cca --out` writes
+    assert not list(bundle.parent.glob(".*.tmp"))                      # written through temporary names
+    win.close_bundle()                               # nothing unsaved: no question
+    assert s.bundle is None and len(unsaved.asked) == 2
+
+    assert win.open_path(bundle)                     # the saved results come back with the bundle
+    assert s.cca is not None and s.cca is not cca and not s.unsaved_results() and not win.isWindowModified()
+    assert [e.intervention.describe() for e in s.cca.fix_set] == [e.intervention.describe() for e in cca.fix_set]
+    assert s.cca.p_value == cca.p_value and s.cf.threshold == cf.threshold
+
+    import dataclasses
+
+    other = dataclasses.replace(s.cca, n_controls=7)      # a re-evaluated result, say: unsaved again
+    s.set_cca(other)
+    assert s.unsaved_results() == ["cca"] and win.isWindowModified()
+    unsaved.answer = "discard"
+    win.close_bundle()
+    assert s.bundle is None and json.loads(cca_file.read_text()) == on_disk_cca     # the file is as it was
+    assert win.open_path(bundle)
+    s.set_cca(other)
+    unsaved.answer = "save"
+    win.close()                                      # closing the window asks too; Save writes, then it closes
+    assert not win.isVisible() and json.loads(cca_file.read_text())["n_controls"] == 7
+    assert len(unsaved.asked) == 4 and not boxes
+
+
+def test_a_result_that_cannot_be_written_says_why_and_stays_unsaved(qtbot, saved, boxes, unsaved):
+    bundle, cf, cca = saved
+    cca_file = bundle.with_name("incident.cca.json")
+    cca_file.unlink()
+    cca_file.mkdir()                                 # a folder where the file would go: the rename fails
+    win = _window(qtbot)
+    assert win.open_path(bundle)
+    win.session.set_cca(cca)
+    assert not win.save_results()
+    assert boxes and boxes[-1][0] == "Save results" and "cannot write" in boxes[-1][1] and \
+        "incident.cca.json" in boxes[-1][1], boxes
+    assert win.session.unsaved_results() == ["cca"] and win.isWindowModified()
+    assert not list(bundle.parent.glob(".*.tmp"))    # the temporary file is gone
+    unsaved.answer = "save"                          # Save fails: the window stays open
+    win.close()
+    assert win.isVisible() and win.session.bundle is not None
+    unsaved.answer = "discard"
+    win.close()
+    assert not win.isVisible()

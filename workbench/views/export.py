@@ -302,6 +302,13 @@ class CertificateExport(QObject):
                 self.session.set_cf(result["cf"])
             if result.get("cca_computed") and (self.session.cca is None or self.session.cca.partial):
                 self.session.set_cca(result["cca"])
+            # a certificate exported beside the bundle under its name wrote the bundle's own result files
+            own = self.session.result_paths()
+            for kind in ("cf", "cca"):
+                obj, path = result.get(kind), result.get(f"{kind}_path")
+                if (obj is not None and obj is getattr(self.session, kind) and path and path in self.written
+                        and Path(path) == own.get(kind)):
+                    self.session.mark_saved(kind, obj)
 
     def _fail(self, message: str) -> None:
         self._status(f"Certificate export failed: {message}")
