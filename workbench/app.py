@@ -33,6 +33,7 @@ MAX_RECENT = 10
 BUNDLE_FILTER = "Incident bundles (*.h5 *.hdf5);;All files (*)"
 RESULT_FILTER = "CF / CCA results and certificates (*.json);;All files (*)"
 REPLAY_JOB = "verify-replay"
+RECORD_JOB = "record"          # workbench.views.record.JOB
 # the widget of each view that takes the keyboard focus when the view is shown (View menu, Ctrl+1..5), so the arrow
 # keys work in it at once instead of moving the tab bar
 VIEW_FOCUS = {"Browser": "tree", "Interventions": "table", "CF": "findings", "CCA": "fix_table", "Review": "elements"}
@@ -169,6 +170,8 @@ class MainWindow(QMainWindow):
     def _build_menus(self) -> None:
         mb = self.menuBar()
         m = mb.addMenu("&File")
+        self.act_new = self._action(m, "&New incident…", self.new_incident, QKeySequence.StandardKey.New)
+        self.act_new.setToolTip("Record a failing run of a model into a new bundle, as forensics record does (Ctrl+N)")
         self.act_open = self._action(m, "&Open…", self.choose_file, QKeySequence.StandardKey.Open)
         self.recent_menu = QMenu("Open &Recent", self)
         m.addMenu(self.recent_menu)
@@ -332,6 +335,44 @@ class MainWindow(QMainWindow):
     def close_bundle(self) -> None:
         if self.confirm_unsaved():
             self.session.close()
+
+    # ------------------------------------------------------------------ recording
+    @Slot()
+    def new_incident(self) -> None:
+        """File ▸ New incident… (Ctrl+N): the record dialog (``workbench.views.record``); Record starts the recording
+        on the engine thread, and the new bundle opens when it is written."""
+        from workbench.views.record import RecordDialog
+
+        start = self.session.path.parent if self.session.path else Path.cwd()
+        dlg = RecordDialog(self, start)
+        dlg.planned.connect(self._start_record)
+        self.record_dialog = dlg
+        dlg.open()
+
+    @Slot(object)
+    def _start_record(self, plan) -> None:
+        from workbench.views.record import JOB, record_job
+
+        self.show_status(f"Recording {plan.out.name}: loading the model {plan.request.model}…")
+        self.runner.submit(JOB, record_job(plan))
+
+    def _recorded(self, result: dict | None) -> None:
+        if result is None:
+            self.show_status("Recording cancelled: nothing was written")
+            return
+        path = Path(result["path"])
+        opened = self.open_path(path)
+        verdict = (f"the model FAILS ({result['spec']})" if result["failing"] else
+                   f"the model does NOT fail ({result['spec']}): there is no failure to analyse on this prompt")
+        text = f"Recorded {path.name}: {verdict}; output {result['output']!r}."
+        self.show_status(text + ("" if opened else " (not opened)"))
+        box = QMessageBox(QMessageBox.Icon.Information if result["failing"] else QMessageBox.Icon.Warning,
+                          "New incident", text, QMessageBox.StandardButton.Close, self)
+        if result["notes"]:
+            box.setInformativeText("What the analyses will not be able to measure on it:\n" +
+                                   "\n".join(f"• {n}" for n in result["notes"]))
+        self.record_box = box
+        box.open()
 
     # ------------------------------------------------------------------ saving results
     @Slot()
@@ -550,6 +591,9 @@ class MainWindow(QMainWindow):
     @Slot(str, object)
     def on_job_progress(self, name: str, data) -> None:
         freeze_long_lived_heap(self.session)      # a job that loaded the model reports progress after loading it
+        if name == RECORD_JOB and isinstance(data, dict):
+            self.show_status(f"Recording the incident: {data.get('what', '')} "
+                             f"({data.get('done', 0)}/{data.get('total', 0)})")
         if name == REPLAY_JOB and isinstance(data, dict):
             self.show_status(f"Verifying the replay: {data.get('what', '')}")
         if name == "demo" and isinstance(data, dict):
@@ -563,6 +607,8 @@ class MainWindow(QMainWindow):
             self.open_path(result)
         if name == REPLAY_JOB and result is not None and not self._closing:
             self._show_replay(*result)
+        if name == RECORD_JOB and not self._closing:
+            self._recorded(result)
 
     @Slot(str, str)
     def on_job_failed(self, name: str, message: str) -> None:
@@ -571,6 +617,8 @@ class MainWindow(QMainWindow):
             QMessageBox.critical(self, "Open demo", f"Recording the demo incident failed:\n\n{message}")
         if name == REPLAY_JOB and not self._closing:
             QMessageBox.critical(self, "Verify replay", f"The replay could not run:\n\n{message}")
+        if name == RECORD_JOB and not self._closing:
+            QMessageBox.critical(self, "New incident", f"The recording failed: nothing was written.\n\n{message}")
 
     def _update_actions(self) -> None:
         has = self.session.bundle is not None

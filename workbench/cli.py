@@ -190,23 +190,30 @@ def cmd_record(args) -> int:
     return EXIT_OK
 
 
-def _record_notes(sets: dict, n_benign: int) -> list[str]:
-    """What the analyses will not be able to measure on this bundle, and the option that would let them."""
+#: what supplies each prompt set, as the record notes name it: the option of ``forensics record``
+RECORD_OPTIONS = {"variants": "--variants-file", "benign_heldout": "--heldout-file", "counterpart": "--counterpart",
+                  "benign": "--benign-file"}
+
+
+def _record_notes(sets: dict, n_benign: int, names: dict[str, str] = RECORD_OPTIONS) -> list[str]:
+    """What the analyses will not be able to measure on this bundle, and what would let them (``names``: how to
+    name the input that supplies each prompt set; the GUI's record dialog names its fields)."""
     from engine.cf import MIN_RUN_CALIBRATION
 
     notes = []
     if not sets.get("variants"):
-        notes.append("no held-out failing variants (--variants-file): CCA cannot measure its fix set's flip rate, "
-                     "and its p-value is then not a held-out test")
+        notes.append(f"no held-out failing variants ({names['variants']}): CCA cannot measure its fix set's flip "
+                     "rate, and its p-value is then not a held-out test")
     if not sets.get("benign_heldout"):
-        notes.append("no held-out benign prompts (--heldout-file): CCA cannot measure side effects, nor CF its "
-                     "false-positive rates")
+        notes.append(f"no held-out benign prompts ({names['benign_heldout']}): CCA cannot measure side effects, nor "
+                     "CF its false-positive rates")
     if not sets.get("counterpart"):
-        notes.append("no benign counterpart (--counterpart): no patching donor, and CCA cannot measure sufficiency")
+        notes.append(f"no benign counterpart ({names['counterpart']}): no patching donor, and CCA cannot measure "
+                     "sufficiency")
     n_heldout = len(sets.get("benign_heldout") or [])
     if n_benign < MIN_RUN_CALIBRATION and n_heldout < 2 * MIN_RUN_CALIBRATION:
         notes.append(f"{n_benign} benign reference prompts: CF's run-level verdict (a 5% test) needs at least "
-                     f"{MIN_RUN_CALIBRATION} (--benign-file) or {2 * MIN_RUN_CALIBRATION} held-out benign prompts")
+                     f"{MIN_RUN_CALIBRATION} ({names['benign']}) or {2 * MIN_RUN_CALIBRATION} held-out benign prompts")
     return notes
 
 
