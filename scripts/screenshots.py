@@ -6,7 +6,8 @@ Run under a virtual X server (``make screenshots`` does this)::
 
 It records the demo incident (``gpt2-prompt-injection``) into a temporary folder, opens it in the main window
 (1400 × 900), and drives the app the way a user would: run CF, look at the browser with the CF badges and a site
-selected, run CCA, put the fix set into the intervention editor and replay it, open the review. After each step it
+selected, run CCA, put the fix set into the intervention editor and replay it, open the review; the replay proof
+(Analysis ▸ Verify replay) and the record dialog (File ▸ New incident…) are grabbed on their own. After each step it
 grabs the window to a PNG. Every number in the pictures comes from the real engine run this script makes. Settings
 go to a temporary folder, never to the user's.
 """
@@ -102,6 +103,16 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("screenshots: the demo bundle did not open")
     session = win.session
 
+    # 0. Analysis ▸ Verify replay: the proof that the bundle replays bit for bit (its report dialog)
+    win.verify_replay()
+    t_end = time.monotonic() + 300
+    while getattr(win, "replay_box", None) is None:
+        if time.monotonic() > t_end:
+            raise SystemExit("screenshots: timed out waiting for the replay report")
+        settle(100)
+    grab(win.replay_box, out, "replay")
+    win.replay_box.close()
+
     # 1. CF: run it and wait for the result
     win.show_view("CF")
     win.run_cf()
@@ -137,6 +148,22 @@ def main(argv: list[str] | None = None) -> int:
         review.tabs.setCurrentIndex(index)
         grab(win, out, name)
     review.tabs.setCurrentIndex(0)
+
+    # 6. File ▸ New incident…: the record dialog, filled in with the scenario's inputs (not run)
+    sc = scenarios.get("gpt2-prompt-injection")
+    win.new_incident()
+    dlg = win.record_dialog
+    dlg.model.setText("resources/models/gpt2-assistant")
+    dlg.prompt.setPlainText(sc.prompt)
+    dlg.failure.setText(sc.failure)
+    dlg.expected.setText(sc.expected)
+    dlg.counterpart.setText(sc.counterpart)
+    for key, name in (("benign", "benign.txt"), ("benign_heldout", "heldout.txt"), ("variants", "variants.txt"),
+                      ("variant_counterparts", "variant-counterparts.txt")):
+        dlg.files[key].setText(name)
+    dlg.out.setText("incident.h5")
+    grab(dlg, out, "record")
+    dlg.reject()
 
     win.close()
     app.processEvents()

@@ -561,9 +561,21 @@ class MainWindow(QMainWindow):
 
     @Slot()
     def about(self) -> None:
+        import platform
+
+        import PySide6
+        from PySide6.QtCore import qVersion
+
+        import engine
+
+        torch = sys.modules.get("torch")      # not imported here for the box (it takes seconds): shown once loaded
         QMessageBox.about(self, "About Model Forensics Workbench",
-                          "Model Forensics Workbench — root-cause analysis of language-model failures.\n"
-                          "Open an incident bundle, browse its activations, run CF and CCA, edit interventions.")
+                          f"Model Forensics Workbench {engine.__version__} — root-cause analysis of language-model "
+                          "failures.\n"
+                          "Record a failing run, prove its replay, run CF and CCA, edit interventions, export the "
+                          "certificate.\n\n"
+                          f"Python {platform.python_version()}, PySide6 {PySide6.__version__} (Qt {qVersion()})"
+                          + (f", torch {torch.__version__}" if torch is not None else ""))
 
     # ------------------------------------------------------------------ slots
     @Slot(str)

@@ -444,7 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "is no; 2 usage error or missing input file; 3 an input that cannot be used (corrupt bundle, "
                        "model that does not load); 4 verify-certificate could not check every claim; 130 "
                        "interrupted. Each command's --help says more.")
-    p.add_argument("--version", action="version", version="forensics 0.1.0")
+    import engine
+
+    p.add_argument("--version", action="version", version=f"forensics {engine.__version__}")
     sub = p.add_subparsers(dest="command", parser_class=_Parser, required=True)
 
     r = sub.add_parser("record", help="record a failing run into an incident bundle")

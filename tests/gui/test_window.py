@@ -348,3 +348,19 @@ def test_verify_replay_proves_the_replay_bit_identical_and_names_what_differs(qt
     msg = window.statusBar().currentMessage()
     assert msg.startswith("Replay DIFFERS: weights, logits, activations") , msg
     box.close()
+
+
+def test_help_about_names_the_versions(window, monkeypatch):
+    import platform
+
+    from PySide6.QtWidgets import QMessageBox
+
+    import engine
+
+    seen = []
+    monkeypatch.setattr(QMessageBox, "about", lambda parent, title, text: seen.append((title, text)))
+    window.about()
+    (title, text), = seen
+    assert title == "About Model Forensics Workbench"
+    assert f"Model Forensics Workbench {engine.__version__}" in text and f"Python {platform.python_version()}" in text
+    assert "PySide6 " in text and "(Qt 6." in text
