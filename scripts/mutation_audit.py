@@ -36,6 +36,8 @@ REPLAY = ["tests/test_scenario_replay.py", "tests/test_bundle.py", "tests/test_l
 IV = ["tests/test_interventions.py"]
 CERT = ["tests/test_certificate.py", "tests/test_cli_certify.py"]
 GUI = ["tests/gui/test_review_view.py", "tests/gui/test_editor.py"]
+SAVE = ["tests/gui/test_saved_results.py", "tests/gui/test_export.py"]
+RECORD = ["tests/gui/test_record.py"]
 CLI = ["tests/test_cli.py"]
 CHOOSER = ["tests/test_cca_chooser.py", *CCA]
 BEAM = ["tests/test_cca_beam.py", *CCA]
@@ -145,6 +147,14 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
     ("editor-fixed", "workbench/views/editor.py",
      '        elif b.failing and not a.failing:\n            text, color = "FIXED',
      '        elif b.failing:\n            text, color = "FIXED', GUI),
+    # saving results and the unsaved-results question; the record dialog's checks; the replay report
+    ("unsaved-cancel", "workbench/app.py", '        return answer == "discard"', "        return True", SAVE),
+    ("unsaved-any-export", "workbench/views/export.py", "and Path(path) == own.get(kind)):", "):", SAVE),
+    ("record-twins", "workbench/views/record.py",
+     'if len(read["variant_counterparts"]) != len(read["variants"]):', "if False:", RECORD),
+    ("replay-verdict", "workbench/app.py",
+     'verdict = "BIT-IDENTICAL" if report.bit_identical else "DIFFERS"', 'verdict = "BIT-IDENTICAL"',
+     ["tests/gui/test_window.py"]),
 ]
 
 

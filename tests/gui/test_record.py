@@ -97,6 +97,11 @@ def test_the_dialog_names_the_input_that_cannot_be_used_and_stays_open(qtbot, wi
     dlg.files["variant_counterparts"].setText(_write(tmp_path / "vc.txt", ["a"]))
     assert press().startswith("Variant counterparts: 1 prompt(s) for 2 variant(s)")
     dlg.files["variant_counterparts"].setText("")
+    (tmp_path / "old.h5").write_bytes(b"someone's bundle")
+    dlg.out.setText(str(tmp_path / "old.h5"))
+    assert press() == f"Bundle: {tmp_path / 'old.h5'} already exists; give a new name (nothing is replaced from here)"
+    assert (tmp_path / "old.h5").read_bytes() == b"someone's bundle"
+    (tmp_path / "old.h5").unlink()
     dlg.out.setText(str(tmp_path / "no-such-folder" / "x.h5"))
     assert press() == f"Bundle: the folder {tmp_path / 'no-such-folder'} does not exist"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.txt", "vc.txt"]          # no bundle was written

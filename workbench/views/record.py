@@ -109,16 +109,14 @@ def check_request(req: RecordRequest) -> RecordPlan:
         out = out.with_name(out.name + ".h5")
     if out.is_dir():
         raise RecordRequestError(f"Bundle: {out} is a folder; give a file name")
+    if out.exists():
+        raise RecordRequestError(f"Bundle: {out} already exists; give a new name (nothing is replaced from here)")
     if not out.parent.is_dir():
         raise RecordRequestError(f"Bundle: the folder {out.parent} does not exist")
     if not os.access(out.parent, os.W_OK):
         raise RecordRequestError(f"Bundle: the folder {out.parent} is not writable")
     labels = {k: label for k, label, _ in SET_FILES}
     read = {k: _lines(p, labels[k]) if p.strip() else [] for k, p in req.files.items() if k in labels}
-    for k, path in req.files.items():
-        if path.strip() and out.exists() and Path(path).expanduser().exists() and \
-                os.path.samefile(out, Path(path).expanduser()):
-            raise RecordRequestError(f"Bundle: {out} is the {labels[k].lower()} file; writing it would replace it")
     sets: dict[str, list[str]] = {}
     if req.counterpart.strip():
         sets["counterpart"] = [req.counterpart.strip()]
@@ -169,6 +167,15 @@ def record_job(plan: RecordPlan):
                 "output": inc.run.continuation_text, "notes": notes}
 
     return job
+
+
+def _new_name(path: Path) -> Path:
+    """``path``, or ``NAME-2.h5``, ``NAME-3.h5``, … : the first that does not exist."""
+    candidate, k = path, 1
+    while candidate.exists():
+        k += 1
+        candidate = path.with_name(f"{path.stem}-{k}{path.suffix}")
+    return candidate
 
 
 class _FileField(QWidget):
@@ -265,7 +272,7 @@ class RecordDialog(QDialog):
         opts.addStretch(1)
         form.addRow("", self._wrap(opts))
         self.out = _FileField("save", "Write the bundle", "Incident bundles (*.h5 *.hdf5)")
-        self.out.setText(str(start / "incident.h5"))
+        self.out.setText(str(_new_name(start / "incident.h5")))
         form.addRow("Bundle", self.out)
         self.error = QLabel("")
         self.error.setObjectName("record-error")
