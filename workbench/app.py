@@ -17,7 +17,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from PySide6.QtCore import QSettings, Qt, Slot
+from PySide6.QtCore import QCoreApplication, QEvent, QSettings, Qt, Slot
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (QApplication, QDockWidget, QFileDialog, QMainWindow, QMenu, QMessageBox,
                                QProgressBar, QTabWidget, QWidget)
@@ -694,6 +694,10 @@ class MainWindow(QMainWindow):
             stop = getattr(w, "shutdown", None)
             if callable(stop):
                 stop()
+        # objects whose deleteLater() is still pending (a finished certificate export) are deleted now, while the
+        # engine thread still runs: deleted after it stopped, ~QObject crashed in QBindingStorage::clear (a
+        # segmentation fault seen in tests/gui/test_export.py when the window closed right after an export)
+        QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
         self.runner.shutdown(30_000)
         pause_gc_until_model_loaded(False)
         self.session.close()
