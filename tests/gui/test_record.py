@@ -18,13 +18,10 @@ MODEL = ROOT / "resources" / "models" / "gpt2-assistant"
 
 @pytest.fixture
 def win(qtbot):
-    from workbench.app import MainWindow
+    """A shown main window with no bundle open."""
+    from .test_saved_results import _window
 
-    w = MainWindow()
-    qtbot.addWidget(w)
-    w.resize(1400, 900)
-    w.show()
-    qtbot.waitExposed(w)
+    w = _window(qtbot)
     yield w
     w.close()
 
