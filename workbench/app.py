@@ -25,7 +25,7 @@ from PySide6.QtWidgets import (QApplication, QDockWidget, QFileDialog, QMainWind
 from engine.errors import ForensicsError
 from workbench.session import Session
 from workbench.views.incident import IncidentPanel
-from workbench.worker import GC, EngineRunner
+from workbench.worker import GC, EngineRunner, describe_error
 
 ORGANISATION = "ModelForensics"
 APPLICATION = "Workbench"
@@ -279,7 +279,7 @@ class MainWindow(QMainWindow):
         try:
             self.session.open(path)
         except ForensicsError as exc:
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            msg = describe_error(exc)
             self.show_status(f"Could not open {path.name}: {msg}")
             QMessageBox.critical(self, "Cannot open bundle", f"{path}\n\n{msg}")
             return False
@@ -308,7 +308,7 @@ class MainWindow(QMainWindow):
         try:
             kinds = self.session.load_result(path)
         except ForensicsError as exc:
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            msg = describe_error(exc)
             self.show_status(f"Could not load {path.name}: {msg}")
             QMessageBox.critical(self, "Cannot load result", f"{path}\n\n{msg}")
             return False
@@ -389,7 +389,7 @@ class MainWindow(QMainWindow):
         try:
             written = self.session.save_results(kinds)
         except ForensicsError as exc:
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            msg = describe_error(exc)
             self.show_status(f"Could not save the results: {msg}")
             QMessageBox.critical(self, "Save results", msg)
             return False

@@ -71,18 +71,14 @@ class RecordPlan:
 
 
 def _lines(path: str, label: str) -> list[str]:
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise RecordRequestError(f"{label}: file not found: {path}")
-    if p.is_dir():
-        raise RecordRequestError(f"{label}: {path} is a folder; give a file with one prompt per line")
+    """The prompts of a prompt-set file, one per line (read as ``forensics record`` reads them)."""
+    from workbench.cli import CliError, _read_lines
+
+    p = str(Path(path).expanduser())
     try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise RecordRequestError(f"{label}: {path} is not UTF-8 text") from None
-    except OSError as exc:
-        raise RecordRequestError(f"{label}: cannot read {path}: {exc.strerror or exc}") from None
-    return [ln.strip() for ln in text.splitlines() if ln.strip()]
+        return _read_lines(p if p != "-" else "./-")         # "-" is a file here, not standard input
+    except CliError as exc:
+        raise RecordRequestError(f"{label}: {exc}") from None
 
 
 def check_request(req: RecordRequest) -> RecordPlan:
